@@ -1,0 +1,30 @@
+"""The ``kbit`` command line: ``kbit quantize`` and ``kbit advise``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: sub-command name -> (module, one-line help); modules are imported only when used
+COMMANDS = {
+    "quantize": ("kbit.commands.quantize", "quantize a local or hub model to a packed artifact"),
+    "advise": ("kbit.commands.advise", "best model size and precision for a memory budget"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen sub-command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="kbit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (modname, helptext) in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        modules[name] = mod
+        mod.add_arguments(sub.add_parser(name, help=helptext, description=mod.__doc__))
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``kbit`` command line: each module has ``add_arguments`` and ``run``."""

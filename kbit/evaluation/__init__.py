@@ -1,0 +1,1 @@
+"""Zero-shot evaluation with lm-evaluation-harness, one Parquet row per document."""

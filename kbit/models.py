@@ -1,0 +1,276 @@
+"""Where model weights come from: the hub (pinned, safetensors only), a local GGUF file, or a
+tiny random model built from a config (for offline smoke runs and tests).
+
+Every source ends as a plain Hugging Face model directory (config.json, *.safetensors, tokenizer
+files), written atomically, so the rest of the pipeline only ever loads safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: files fetched from the hub: weights as safetensors only, never pickles
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+TINY_ARCHS = ("gpt_neox", "opt", "gpt2", "bloom", "llama")
+
+
+class ModelSourceError(RuntimeError):
+    """A model that cannot be fetched or converted; the message says what to do."""
+
+
+@contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``out_dir`` that replaces it only if the block succeeds.
+
+    A killed download or conversion therefore never leaves a half-written model directory that a
+    later run would mistake for a finished one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_hub_model(hf_id: str, revision: str, out_dir: Path) -> Path:
+    """Snapshot ``hf_id`` at ``revision`` into ``out_dir``, safetensors weights only.
+
+    Honours ``HF_HUB_OFFLINE`` (then only the local cache is used). A repository that publishes
+    only pickle weights is refused: loading them would execute arbitrary code.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    with atomic_dir(out_dir) as tmp:
+        try:
+            snapshot_download(
+                repo_id=hf_id,
+                revision=revision,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                local_dir=tmp,
+            )
+        except Exception as err:  # network, auth, unknown revision, missing cache offline
+            hint = (
+                "HF_HUB_OFFLINE is set and the model is not in the local cache: download it on a "
+                "machine with internet (huggingface-cli download) or point the config entry at a "
+                "local 'path'"
+                if offline
+                else "check the id and revision, your network and HF_TOKEN"
+            )
+            raise ModelSourceError(
+                f"cannot download {hf_id}@{revision}: {type(err).__name__}: {err}. {hint}"
+            ) from err
+        for cache in tmp.glob(".cache"):
+            shutil.rmtree(cache, ignore_errors=True)
+        if not list(tmp.glob("*.safetensors")):
+            pickles = _hub_pickle_files(hf_id, revision)
+            raise ModelSourceError(
+                f"{hf_id}@{revision} has no safetensors weights"
+                + (f" (only pickle files: {', '.join(pickles[:4])})" if pickles else "")
+                + ". Pickle weights are refused because loading them runs arbitrary code; convert "
+                "them to safetensors yourself and point the config entry at the local 'path'."
+            )
+    return out_dir
+
+
+def _hub_pickle_files(hf_id: str, revision: str) -> list[str]:
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(hf_id, revision=revision)
+    except Exception:
+        return []
+    return [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float16") -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors model directory.
+
+    transformers reads GGUF through the ``gguf`` package; the result is stored at ``dtype`` so
+    that the workflow's 16-bit baseline is the GGUF model as published (its own quantization
+    error included).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file).resolve()
+    if not gguf_file.is_file():
+        raise ModelSourceError(f"GGUF file {gguf_file} does not exist")
+    with atomic_dir(out_dir) as tmp:
+        kwargs = {"gguf_file": gguf_file.name}
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, dtype=getattr(torch, dtype), **kwargs
+        )
+        tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "kbit_source.json").write_text(json.dumps({"gguf": str(gguf_file)}, indent=2))
+    return out_dir
+
+
+def load_tokenizer(path: Path):
+    """A fast tokenizer from a directory (tokenizer.json / vocab+merges) or one tokenizer.json.
+
+    The GPT-NeoX tokenizer is published as a bare ``20B_tokenizer.json``; it gets the
+    ``<|endoftext|>`` special tokens Pythia uses.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if path.is_file():
+        return PreTrainedTokenizerFast(
+            tokenizer_file=str(path),
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+        )
+    if (path / "tokenizer_config.json").exists() or (path / "vocab.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    jsons = sorted(path.glob("*.json"))
+    if len(jsons) == 1:
+        return load_tokenizer(jsons[0])
+    raise ModelSourceError(f"no tokenizer found at {path}")
+
+
+def train_fallback_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A byte-level BPE tokenizer trained on ``texts``, for machines without the real tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides: Any):
+    """A transformers config of a ~2-layer model of architecture ``arch`` (see TINY_ARCHS)."""
+    from transformers import (
+        BloomConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        OPTConfig,
+    )
+
+    hidden = overrides.pop("hidden_size", 64)
+    layers = overrides.pop("num_layers", 2)
+    heads = overrides.pop("num_heads", 4)
+    common = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0}
+    if arch == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=2048,
+            **common,
+        )
+    elif arch == "opt":
+        cfg = OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=4 * hidden,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=2048,
+            pad_token_id=1,
+            **common,
+        )
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, **common)
+    elif arch == "bloom":
+        cfg = BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=2048,
+            **common,
+        )
+    else:
+        raise ModelSourceError(f"tiny arch {arch!r} is not one of {TINY_ARCHS}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_tiny_model(
+    arch: str,
+    out_dir: Path,
+    tokenizer: Path | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Save a randomly initialised tiny model of ``arch`` with a real tokenizer to ``out_dir``.
+
+    ``tokenizer`` is a tokenizer directory or tokenizer.json; when it is None or missing, a small
+    BPE tokenizer is trained on a built-in text so the model still runs fully offline.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is not None and Path(tokenizer).exists():
+        tok = load_tokenizer(Path(tokenizer))
+    else:
+        tok = train_fallback_tokenizer(_FALLBACK_TEXT.split("\n") * 4)
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "kbit_source.json").write_text(
+            json.dumps({"tiny": arch, "seed": seed, "tokenizer": str(tokenizer)}, indent=2)
+        )
+    return out_dir
+
+
+_FALLBACK_TEXT = """\
+The quick brown fox jumps over the lazy dog near the river bank.
+A language model assigns probabilities to sequences of words and tokens.
+Quantization stores each weight with fewer bits, trading accuracy for memory.
+She put the glass on the table because it was the only flat surface.
+To open a jar that is stuck, run the lid under hot water for a minute.
+He walked to the store, bought some bread, and went back home before dark.
+The committee met on Tuesday and agreed to publish the report next month.
+Rain fell over the valley all night, and by morning the fields were flooded."""

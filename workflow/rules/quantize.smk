@@ -1,0 +1,25 @@
+"""Packed k-bit artifacts for models evaluated one job per spec (large models)."""
+
+
+rule quantize:
+    input:
+        model=model_dir,
+    output:
+        quantized_output(f"{R}/quantized/{{model}}/{{quant}}"),
+    log:
+        f"{R}/logs/quantize/{{model}}/{{quant}}.log",
+    wildcard_constraints:
+        model=_alternatives(SINGLE),
+        quant=_alternatives([q for q in QUANTS if q != "fp16"]),
+    conda:
+        "../../environment.yml"
+    resources:
+        gpu=gpu_count,
+        mem_mb=mem_mb,
+        runtime=runtime_min,
+    params:
+        spec=lambda wildcards: wildcards.quant,
+        settings=STUDY.config["quantize"],
+        device=STUDY.config["eval"]["device"],
+    script:
+        "../scripts/quantize.py"
