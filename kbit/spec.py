@@ -136,7 +136,9 @@ class QuantSpec:
             if self.scale_dtype is None:
                 object.__setattr__(self, "scale_dtype", _DEFAULT_SCALE[d])
             if self.scale_dtype != _DEFAULT_SCALE[d]:
-                raise SpecError(f"{d} stores its scale as {_DEFAULT_SCALE[d]}, not {self.scale_dtype}")
+                raise SpecError(
+                    f"{d} stores its scale as {_DEFAULT_SCALE[d]}, not {self.scale_dtype}"
+                )
         else:
             if self.scale_dtype is None:
                 object.__setattr__(self, "scale_dtype", "fp16")

@@ -44,7 +44,8 @@ def _format_error(err: Any) -> str:
     elif "pattern" in schema:
         allowed = f"; must match {schema['pattern']}"
     elif "minimum" in schema or "maximum" in schema:
-        allowed = f"; allowed range [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]"
+        low, high = schema.get("minimum", "-inf"), schema.get("maximum", "inf")
+        allowed = f"; allowed range [{low}, {high}]"
     if err.validator == "additionalProperties":
         props = sorted(schema.get("properties", {}))
         allowed = f"; allowed keys: {props}" if props else ""

@@ -40,7 +40,7 @@ LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per
 
 
 def doc_acc(ll: list[float], target: int) -> float:
-    """1.0 when the gold choice has the highest log-likelihood (first maximum wins, as np.argmax)."""
+    """1.0 when the gold choice has the highest log-likelihood (the first maximum wins)."""
     return float(int(np.argmax(ll)) == int(target))
 
 
