@@ -31,8 +31,11 @@ def __getattr__(name: str):
 
         return codebook
     if name in ("quantize", "dequantize", "fake_quantize", "QTensor"):
-        from kbit import quantize as _q
+        # import the submodule by path: `from kbit import quantize` would re-enter this hook.
+        # Importing binds `kbit.quantize` to the module, which is callable (= quantize()).
+        import importlib
 
+        _q = importlib.import_module("kbit.quantize")
         return getattr(_q, name)
     if name == "quantize_model":
         from kbit.model import quantize_model

@@ -1,0 +1,290 @@
+"""Evaluation throughput: the workflow's batched evaluation against lm-eval's command line.
+
+For each Pythia-shaped model (random weights, the GPT-NeoX tokenizer, the real task files):
+
+* ``lm_eval`` CLI, one process, all five tasks, fp16, a fixed batch size: the cost of evaluating
+  one quantization config the plain way (process start, model load and data loading included);
+* the workflow's batched job (``evaluate_specs``), one process, all specs x all tasks: the cost
+  per spec is its wall time divided by the number of specs (start-up, load, quantization,
+  request building and tokenization amortised);
+* the FLOP limit: ``2 * P_matmul * T / peak`` with T the tokens fed through the model and the peak
+  measured in the same run with an 8192^3 fp16 torch.matmul.
+
+Both processes are timed from outside (wall clock of the subprocess). The fp16 results of the two
+paths are compared task by task (they evaluate the same documents; the CLI pools all tasks into
+shared batches, so last-bit differences between the two are possible on a GPU).
+
+Usage::
+
+    python benchmarks/bench_eval.py --data DIR --out DIR [--models 160m,1.4b] [--limit N]
+        [--batch-size N] [--specs fp16,int4-b64,...]
+
+``--data`` holds ``eval/`` (the original task files) and ``tokenizers/gpt-neox-20b/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["lambada_openai", "piqa", "hellaswag", "winogrande", "wikitext"]
+#: GPTNeoXConfig fields of EleutherAI/pythia-160m and pythia-1.4b (config.json on the hub)
+PYTHIA = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "160m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "1.4b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16},
+}
+
+
+def build_model(size: str, tokenizer_dir: Path, out: Path) -> tuple[Path, int]:
+    """A random-weight GPT-NeoX with Pythia's shapes, saved (fp16, safetensors) with a tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    shape = PYTHIA[size]
+    config = GPTNeoXConfig(
+        vocab_size=50304,
+        intermediate_size=4 * shape["hidden_size"],
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **shape,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = GPTNeoXForCausalLM(config).to(torch.float16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_dir / "20B_tokenizer.json"),
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return out, n
+
+
+def peak_flops(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
+    """Dense matmul FLOP/s of this device (mean of ``reps`` products after 3 warm-ups)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def run_timed(cmd: list[str], log_file: Path, timeout: int, done: Path | None = None) -> float:
+    """Wall seconds of a subprocess; its output goes to ``log_file``.
+
+    A failure after ``done`` exists (lm-eval writes its results before printing its summary
+    table, which needs optional packages) is logged and tolerated.
+    """
+    t0 = time.perf_counter()
+    with open(log_file, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 and done is not None and any(done.rglob("results_*.json")):
+        print(f"note: {cmd[:4]}... exited {proc.returncode} after writing its results", flush=True)
+        return wall
+    if proc.returncode != 0:
+        tail = log_file.read_text()[-3000:]
+        raise RuntimeError(f"{cmd[:4]}... failed ({proc.returncode}):\n{tail}")
+    return wall
+
+
+def batched_worker(args: argparse.Namespace) -> None:
+    """The workflow's batched job (what workflow/scripts/evaluate_batched.py runs)."""
+    from kbit.evaluation.runner import evaluate_specs, load_prepared_tasks
+    from kbit.logs import setup_logging
+
+    setup_logging(None)
+    specs = args.specs.split(",")
+    out = Path(args.out)
+    paths = {(q, t): out / q / f"{t}.parquet" for q in specs for t in TASKS}
+    evaluate_specs(
+        args.model_dir,
+        specs,
+        load_prepared_tasks(TASKS, args.tasks_dir),
+        paths,
+        {"model": Path(args.model_dir).name, "hf_id": None, "revision": None, "family": "pythia"},
+        dtype="auto",
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+
+
+def cli_results(out: Path) -> dict[str, dict[str, float]]:
+    (f,) = out.rglob("results_*.json")
+    res = json.loads(f.read_text())["results"]
+    return {
+        t: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
+        for t, r in res.items()
+    }
+
+
+def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) -> dict:
+    import pandas as pd
+
+    from kbit.evaluation.metrics import task_metrics
+
+    model_dir, n_params = build_model(size, Path(args.data) / "tokenizers" / "gpt-neox-20b",
+                                      work / f"pythia-{size}")  # fmt: skip
+    specs = args.specs.split(",")
+    py = sys.executable
+    cli_out = work / f"cli-{size}"
+    cli_cmd = [
+        py, "-m", "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained={model_dir},dtype={args.dtype}", "--device", args.device,
+        "--tasks", ",".join(TASKS), "--include_path", str(work / "tasks"),
+        "--batch_size", str(args.batch_size), "--log_samples", "--output_path", str(cli_out),
+    ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
+    cli_wall = run_timed(cli_cmd, work / f"cli-{size}.log", args.timeout, done=cli_out)
+    ours_out = work / f"ours-{size}"
+    ours_cmd = [
+        py, __file__, "--worker", "--model-dir", str(model_dir),
+        "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
+        "--batch-size", str(args.batch_size), "--device", args.device,
+    ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
+    ours_wall = run_timed(ours_cmd, work / f"ours-{size}.log", args.timeout)
+
+    frames = {(q, t): pd.read_parquet(ours_out / q / f"{t}.parquet") for q in specs for t in TASKS}
+    fp = [frames[("fp16", t)] for t in TASKS]
+    flops = sum(float(f["flops"].iloc[0]) for f in fp)
+    tokens = sum(int(f["task_n_tokens"].iloc[0]) for f in fp)
+    score_s = sum(float(f["wall_time_s"].iloc[0]) for f in fp)
+    forward_s = sum(float(f["forward_time_s"].iloc[0]) for f in fp)
+    cli = cli_results(cli_out)
+    agree = {}
+    for t, f in zip(TASKS, fp, strict=True):
+        mine = task_metrics(f)
+        agree[t] = {m: [mine[m], cli[t].get(m)] for m in mine}
+    per_spec = ours_wall / len(specs)
+    limit_s = flops / peak
+    return {
+        "model": f"pythia-{size} (random weights)",
+        "n_params": n_params,
+        "n_docs": {t: len(f) for t, f in zip(TASKS, fp, strict=True)},
+        "tokens_scored": tokens,
+        "flops_per_spec": flops,
+        "lm_eval_cli_s": cli_wall,
+        "batched_total_s": ours_wall,
+        "n_specs": len(specs),
+        "batched_per_spec_s": per_spec,
+        "ratio_vs_cli": per_spec / cli_wall,
+        "fp16_scoring_s": score_s,
+        "fp16_forward_s": forward_s,
+        "flop_limit_s": limit_s,
+        "peak_fraction_scoring": limit_s / score_s,
+        "peak_fraction_forward": limit_s / forward_s if forward_s else None,
+        "peak_fraction_per_spec": limit_s / per_spec,
+        "fp16_metrics_ours_vs_cli": agree,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Device: {report['device']}; peak fp16 matmul {report['peak_fp16_tflops']:.0f} TFLOP/s, "
+        f"bf16 {report['peak_bf16_tflops']:.0f} TFLOP/s; at most {report['limit']} documents per "
+        f"task; batch size {report['batch_size']}; specs {report['specs']} "
+        f"(the batched job evaluates all of them, the CLI fp16 only).",
+        "",
+        "| model | documents | tokens/spec | lm_eval CLI s | batched s/spec | ratio | "
+        "fp16 scoring s | forward s | FLOP-limit s | % peak (scoring) | % peak (forward) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["models"]:
+        fwd = r["peak_fraction_forward"]
+        lines.append(
+            f"| {r['model']} | {sum(r['n_docs'].values()):,} | {r['tokens_scored']:,} | "
+            f"{r['lm_eval_cli_s']:.1f} | "
+            f"{r['batched_per_spec_s']:.1f} | {r['ratio_vs_cli']:.2f} | "
+            f"{r['fp16_scoring_s']:.1f} | "
+            f"{r['fp16_forward_s']:.1f} | {r['flop_limit_s']:.2f} | "
+            f"{100 * r['peak_fraction_scoring']:.0f}% | "
+            f"{'' if fwd is None else f'{100 * fwd:.0f}%'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", help="folder with eval/ and tokenizers/gpt-neox-20b/")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="160m,1.4b")
+    ap.add_argument("--specs", default="fp16,int4-b64,float4-e3-b64,nf4-b64")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--device", default="cuda", help="cpu: a functional check, not a benchmark")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--tasks-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dtype = "float16" if args.device == "cuda" else "float32"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.worker:
+        batched_worker(args)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device found (use --device cpu for a functional check only)")
+    from kbit.evaluation.tasks import prepare_tasks
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    prepare_tasks(TASKS, Path(args.data) / "eval", work / "tasks")
+    report = {
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "peak_fp16_tflops": peak_flops(torch.float16) / 1e12,
+        "peak_bf16_tflops": peak_flops(torch.bfloat16) / 1e12,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "specs": args.specs,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "models": [],
+    }
+    tag = "h100" if "H100" in report["device"] else "gpu"
+    try:
+        for size in args.models.split(","):
+            r = bench_model(size, args, work, report["peak_fp16_tflops"] * 1e12)
+            report["models"].append(r)
+            print(json.dumps(r, indent=1), flush=True)
+            # written after every model, so a later failure keeps the earlier results
+            (out / f"eval_{tag}.json").write_text(json.dumps(report, indent=1))
+            (out / f"eval_{tag}.md").write_text(markdown(report))
+    finally:
+        for f in work.glob("*.log"):
+            (out / f.name).write_text(f.read_text()[-200_000:])
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

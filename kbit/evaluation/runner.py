@@ -1,0 +1,522 @@
+"""Zero-shot evaluation of (quantized) models with lm-eval, written as per-document Parquet.
+
+Fidelity first: for the unquantized baseline the in-process path gives, digit for digit, what
+the command line gives::
+
+    lm_eval --model hf --model_args pretrained=<dir>,dtype=<dtype> --device <device> \\
+        --tasks <tasks> --include_path <prepared> --batch_size <N> --log_samples --output_path <out>
+
+The settings that make the two identical (each checked by ``tests/test_fidelity.py``):
+
+- weights: ``AutoModelForCausalLM.from_pretrained(dir, dtype=<dtype>)`` from safetensors, the
+  same call ``HFLM`` makes for a path; ``dtype`` names the same torch dtype on both sides
+  ("auto" here means float16 on CUDA and float32 on the CPU, so pass that dtype to the CLI);
+- tokenizer: ``AutoTokenizer.from_pretrained(dir, use_fast=True)`` (HFLM's default), handed to
+  ``HFLM(pretrained=model, tokenizer=tok, batch_size=N)``; HFLM then sets the pad token the same
+  way (``configure_pad_token``), and leaves ``add_bos_token``/``prefix_token_id`` at None;
+- HFLM defaults everywhere else: ``max_length`` from the model config, ``truncation=False``,
+  ``logits_cache=True`` (one forward row for choices that differ only in their last token),
+  ``softmax_dtype=None`` (log-softmax in the model's dtype), no mixed precision, right padding
+  of the length-sorted batches;
+- the same integer batch size (never "auto": the batch composition changes the padded shapes
+  and with them the last bits of the matrix products);
+- the same set of tasks in one ``evaluate`` call (lm-eval pools the requests of all tasks of one
+  request type into one sorted list, so batches mix tasks); one task per job matches
+  ``lm_eval --tasks <task>`` by construction (per-task runs also matched a five-task CLI run on
+  the CPU and on an H100, but padded shapes could differ in the last bit elsewhere);
+- ``simple_evaluate``'s task set-up: ``num_fewshot`` 0 where unset, fewshot seed 1234, and the
+  seeds random 0 / numpy 1234 / torch 1234 (none of which changes a zero-shot log-likelihood).
+
+Speed: :func:`evaluate_specs` loads a base model once and evaluates many quantization configs,
+restoring the original weights before each, building lm-eval's requests once per task and
+tokenizing each request once (:class:`~kbit.evaluation.batching.ReusingHFLM`). Scoring still runs
+through HFLM's own ``_loglikelihood_tokens``, so its results equal the one-job-per-config path.
+
+FLOP convention: ``flops = 2 * P_matmul * T`` where ``P_matmul`` counts the weights of every
+linear layer (attention, MLP and the LM head; not the embedding lookups, biases or norms) and
+``T`` the unpadded tokens fed through the model; attention-score FLOPs are not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+
+from kbit.evaluation.batching import DEFAULT_CPU_BATCH_SIZE, ReusingHFLM, find_batch_size
+from kbit.evaluation.metrics import task_metrics
+from kbit.evaluation.progress import Progress
+from kbit.evaluation.records import samples_frame, write_parquet
+from kbit.spec import QuantSpec
+
+log = logging.getLogger("kbit.evaluation")
+
+EVAL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: seeds simple_evaluate (and so the CLI) sets before evaluating
+CLI_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}
+
+
+# ---------------------------------------------------------------------- model loading
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is used as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float16 on CUDA (the paper's 16-bit inputs), float32 on the CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in EVAL_DTYPES:
+        raise ValueError(f"eval dtype {dtype!r}: allowed are 'auto', {sorted(EVAL_DTYPES)}")
+    return EVAL_DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM (safetensors only) and its tokenizer the way ``HFLM`` loads a path."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {model_dir}: config.json is missing")
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {model_dir}; only safetensors are loaded (no pickle)"
+        )
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=torch_dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(dev)
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(model_dir), use_fast=True, trust_remote_code=trust_remote_code
+    )
+    return model, tok
+
+
+def make_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> ReusingHFLM:
+    """lm-eval's HFLM around an in-memory model, with HFLM's defaults (see module docstring)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer (no 'auto')")
+    return ReusingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def choose_batch_size(
+    model_dir: str | os.PathLike,
+    requested: int | str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """The batch size of one model (``requested`` integer, or ``auto``: search on CUDA).
+
+    The search runs full-length sequences (the model's ``max_length``, what WikiText's rolling
+    windows use), so the result fits every task. Returns the JSON the evaluation jobs read.
+    """
+    dev = resolve_device(device)
+    info: dict[str, Any] = {"device": str(dev), "requested": requested}
+    if requested != "auto":
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"batch_size={requested!r}: allowed are 'auto' or an integer >= 1")
+        return info | {"batch_size": requested, "source": "config"}
+    if dev.type != "cuda":
+        return info | {"batch_size": DEFAULT_CPU_BATCH_SIZE, "source": "cpu default"}
+    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
+    max_length = make_lm(model, tok, 1).max_length
+    bs = find_batch_size(model, max_length, dev)
+    return info | {"batch_size": bs, "source": "search", "max_length": max_length}
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of every linear layer (incl. the LM head): the P of ``flops = 2 * P * tokens``."""
+    from transformers.pytorch_utils import Conv1D
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | Conv1D) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel()
+    return total
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result (stored with every row)."""
+    import lm_eval
+
+    import kbit
+
+    return {
+        "kbit_version": kbit.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+    }
+
+
+# ---------------------------------------------------------------------- task set-up
+def configure_like_cli(task_dict: Mapping[str, Any]) -> None:
+    """Apply simple_evaluate's task set-up and seeds, so ``evaluate`` matches the CLI."""
+    random.seed(CLI_SEEDS["random"])
+    np.random.seed(CLI_SEEDS["numpy"])
+    torch.manual_seed(CLI_SEEDS["torch"])
+    for task in task_dict["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=CLI_SEEDS["fewshot"])
+
+
+def load_prepared_tasks(task_names: Sequence[str], tasks_dir: str | os.PathLike) -> dict:
+    """lm-eval's task dict for ``task_names`` from a directory made by ``prepare_tasks``.
+
+    Names without a rendered ``<name>.yaml`` there fall back to lm-eval's built-in tasks.
+    """
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = Path(tasks_dir).resolve()
+    if not tasks_dir.is_dir():
+        raise FileNotFoundError(f"prepared task directory {tasks_dir} does not exist")
+    builtin = [n for n in task_names if not (tasks_dir / f"{n}.yaml").is_file()]
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(builtin))
+    loaded = manager.load(list(task_names))
+    absent = [n for n in task_names if n not in loaded["tasks"]]
+    if absent:
+        raise ValueError(f"tasks {absent} are neither in {tasks_dir} nor built into lm-eval")
+    return loaded
+
+
+def quant_options(quantize_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``quantize_model`` keyword arguments of the workflow's ``quantize`` config section."""
+    keys = ("include", "exclude", "quantize_embeddings", "quantize_lm_head")
+    return {k: quantize_config[k] for k in keys if quantize_config and k in quantize_config}
+
+
+def _check_tasks(task_dict: Mapping[str, Any]) -> None:
+    if "tasks" not in task_dict:
+        raise ValueError("task_dict must be lm-eval's TaskManager.load() result (key 'tasks')")
+    bad = {
+        name: t.OUTPUT_TYPE
+        for name, t in task_dict["tasks"].items()
+        if t.OUTPUT_TYPE not in ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
+    }
+    if bad:
+        raise ValueError(
+            f"tasks {bad} are generative; supported output types are multiple_choice, "
+            "loglikelihood, loglikelihood_rolling"
+        )
+
+
+@dataclass
+class TaskResult:
+    """Per-document rows of one task (without run metadata) and how long they took."""
+
+    name: str
+    output_type: str
+    docs: pd.DataFrame
+    wall_time_s: float
+    forward_tokens: int
+    forward_time_s: float = 0.0
+    reported: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- path A: lm-eval's evaluate
+def evaluate_tasks(
+    lm: ReusingHFLM,
+    task_dict: Mapping[str, Any],
+    limit: int | None = None,
+    together: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, TaskResult]:
+    """Run ``lm_eval.evaluator.evaluate(..., log_samples=True)``; return per-document rows.
+
+    ``together=True`` evaluates all tasks in one call, as one ``lm_eval --tasks a,b,c`` does
+    (batches then mix tasks, and each task's wall time is that of the whole call); otherwise
+    each task is evaluated on its own, as ``lm_eval --tasks a`` does.
+    """
+    from lm_eval.evaluator import evaluate
+
+    _check_tasks(task_dict)
+    configure_like_cli(task_dict)
+    tasks = dict(task_dict["tasks"])
+    groups = [list(tasks)] if together else [[name] for name in tasks]
+    out: dict[str, TaskResult] = {}
+    lm.progress = progress
+    for names in groups:
+        sub = {"tasks": {n: tasks[n] for n in names}, "groups": {}, "group_map": {}}
+        if progress is not None:
+            progress.start_task(",".join(names))
+        lm.reset_counters()
+        t0 = time.perf_counter()
+        res = evaluate(lm=lm, task_dict=sub, limit=limit, bootstrap_iters=0, log_samples=True)
+        _sync(lm)
+        wall = time.perf_counter() - t0
+        if progress is not None:
+            progress.end_task()
+        for n in names:
+            task = tasks[n]
+            docs = samples_frame(task, res["samples"][n], {}, lm.request_tokens)
+            reported = {
+                k.split(",")[0]: float(v)
+                for k, v in res["results"][n].items()
+                if k.endswith(",none") and "_stderr" not in k
+            }
+            out[n] = TaskResult(
+                n, task.OUTPUT_TYPE, docs, wall, lm.forward_tokens, lm.forward_time_s, reported
+            )
+    lm.progress = None
+    return out
+
+
+def _sync(lm: ReusingHFLM) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+# ---------------------------------------------------------------------- path B: request reuse
+class PreparedTask:
+    """One lm-eval task whose requests are built once and scored for many weight configs."""
+
+    def __init__(self, name: str, task: Any, limit: int | None) -> None:
+        from lm_eval.evaluator_utils import get_sample_size
+
+        self.name = name
+        self.task = task
+        self.limit = get_sample_size(task, limit)
+        task.build_all_requests(limit=self.limit, rank=0, world_size=1)
+        self.by_doc: dict[int, list[Any]] = defaultdict(list)
+        for inst in task.instances:
+            self.by_doc[inst.doc_id].append(inst)
+        for insts in self.by_doc.values():
+            insts.sort(key=lambda x: x.idx)
+
+    def score(self, lm: ReusingHFLM) -> list[dict[str, Any]]:
+        """Score every request with ``lm`` and return lm-eval-style logged samples."""
+        task = self.task
+        by_type: dict[str, list[Any]] = defaultdict(list)
+        for inst in task.instances:
+            inst.resps = []
+            inst.filtered_resps = {}
+            by_type[inst.request_type].append(inst)
+        for reqtype, reqs in by_type.items():
+            cloned = [req for req in reqs for _ in range(req.repeats)]
+            for x, req in zip(getattr(lm, reqtype)(cloned), cloned, strict=True):
+                req.resps.append(x)
+        task.apply_filters()
+        keys = list(task.instances[0].filtered_resps)
+        if keys != ["none"]:
+            raise ValueError(f"task {self.name!r} has filters {keys}; only 'none' is supported")
+        samples = []
+        for doc_id, doc in task.doc_iterator(rank=0, limit=self.limit, world_size=1):
+            reqs = self.by_doc[doc_id]
+            resps = [req.filtered_resps["none"] for req in reqs]
+            metrics = task.process_results(doc, resps)
+            samples.append(
+                {
+                    "doc_id": doc_id,
+                    "doc": doc,
+                    "arguments": [req.args for req in reqs],
+                    "filtered_resps": resps,
+                    **metrics,
+                }
+            )
+        return samples
+
+
+def score_prepared(
+    lm: ReusingHFLM, prepared: PreparedTask, progress: Progress | None = None
+) -> TaskResult:
+    """Score one prepared task (same numerics as :func:`evaluate_tasks` on that task alone)."""
+    lm.progress = progress
+    if progress is not None:
+        progress.start_task(prepared.name)
+    lm.reset_counters()
+    t0 = time.perf_counter()
+    samples = prepared.score(lm)
+    _sync(lm)
+    wall = time.perf_counter() - t0
+    if progress is not None:
+        progress.end_task()
+    lm.progress = None
+    docs = samples_frame(prepared.task, samples, {}, lm.request_tokens)
+    return TaskResult(
+        prepared.name, prepared.task.OUTPUT_TYPE, docs, wall, lm.forward_tokens, lm.forward_time_s
+    )
+
+
+# ---------------------------------------------------------------------- metadata + files
+def run_metadata(
+    model_meta: Mapping[str, Any],
+    spec: QuantSpec,
+    summary: Mapping[str, Any],
+    lm: ReusingHFLM,
+    result: TaskResult,
+    n_matmul_params: int,
+) -> dict[str, Any]:
+    """The run-metadata columns of one (model, quant, task) Parquet file."""
+    flops = 2.0 * n_matmul_params * result.forward_tokens
+    meta: dict[str, Any] = {
+        "model": model_meta.get("model"),
+        "hf_id": model_meta.get("hf_id"),
+        "revision": model_meta.get("revision"),
+        "family": model_meta.get("family"),
+        "n_params": int(summary["n_params"]),
+        "n_params_quantized": int(summary["n_params_quantized"]),
+        "total_bits": int(summary["total_bits"]),
+        **spec.to_dict(),
+        "task": result.name,
+        "output_type": result.output_type,
+        **versions(),
+        "eval_dtype": str(lm.model.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "batch_size": int(lm.batch_size),
+        "wall_time_s": float(result.wall_time_s),
+        "forward_time_s": float(result.forward_time_s),
+        "task_n_tokens": int(result.forward_tokens),
+        "flops": flops,
+        "flop_per_s": flops / result.wall_time_s if result.wall_time_s > 0 else float("nan"),
+    }
+    return meta
+
+
+def task_frame(result: TaskResult, meta: Mapping[str, Any]) -> pd.DataFrame:
+    """Per-document rows with the run metadata broadcast into columns."""
+    df = result.docs.copy()
+    for key, value in meta.items():
+        df[key] = [value] * len(df)
+    return df
+
+
+def _summary_after(model: torch.nn.Module, spec: QuantSpec, **quant_kwargs: Any) -> dict:
+    from kbit.accounting import summarize
+    from kbit.model import quantize_model
+
+    return summarize(quantize_model(model, spec, **quant_kwargs))
+
+
+def evaluate_one(
+    model_dir: str | os.PathLike,
+    quant: str | QuantSpec,
+    task_dict: Mapping[str, Any],
+    out_path: str | os.PathLike,
+    model_meta: Mapping[str, Any],
+    artifact_dir: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 8,
+    limit: int | None = None,
+    trust_remote_code: bool = False,
+    quant_kwargs: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """One job: one (model, quant) on the task(s) of ``task_dict`` through lm-eval's evaluate.
+
+    The quantized weights come from ``artifact_dir`` when given (``kbit.artifact``), else from
+    quantizing the loaded base model in place. With one task the result goes to ``out_path``;
+    with several, ``out_path`` is a directory and each task goes to ``<task>.parquet``.
+    """
+    spec = QuantSpec.parse(quant)
+    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
+    if artifact_dir is not None:
+        from kbit.artifact import load_artifact
+
+        summary = dict(load_artifact(artifact_dir, model)["summary"])
+    else:
+        summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
+    lm = make_lm(model, tok, batch_size)
+    n_mm = matmul_params(model)
+    names = list(task_dict["tasks"])
+    progress = Progress(len(names), label=f"{model_meta.get('model')}/{spec.id}")
+    results = evaluate_tasks(lm, task_dict, limit=limit, progress=progress)
+    frames = []
+    for name, res in results.items():
+        df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))
+        path = Path(out_path) if len(names) == 1 else Path(out_path) / f"{name}.parquet"
+        write_parquet(df, path)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def evaluate_specs(
+    model_dir: str | os.PathLike,
+    specs: Sequence[str | QuantSpec],
+    task_dict: Mapping[str, Any],
+    out_paths: Mapping[tuple[str, str], str | os.PathLike],
+    model_meta: Mapping[str, Any],
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 8,
+    limit: int | None = None,
+    trust_remote_code: bool = False,
+    quant_kwargs: Mapping[str, Any] | None = None,
+) -> dict[tuple[str, str], Path]:
+    """Many quantization configs of one model: load once, quantize in place, reuse requests.
+
+    ``out_paths`` maps (quant id, task) to the Parquet file to write. Pairs whose file exists
+    are skipped (the run is resumable); a spec with nothing left to do is not even quantized.
+    The original weights are restored before each spec, so the order of specs does not matter
+    and every file equals what :func:`evaluate_one` writes for that (quant, task).
+    """
+    _check_tasks(task_dict)
+    parsed = [QuantSpec.parse(s) for s in specs]
+    names = list(task_dict["tasks"])
+    missing = [(s.id, t) for s in parsed for t in names if (s.id, t) not in out_paths]
+    if missing:
+        raise ValueError(f"out_paths has no entry for (quant, task) pairs {missing}")
+    todo = {s.id: [t for t in names if not Path(out_paths[(s.id, t)]).exists()] for s in parsed}
+    written: dict[tuple[str, str], Path] = {}
+    if not any(todo.values()):
+        log.info("all %d outputs exist; nothing to evaluate", len(parsed) * len(names))
+        return written
+    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm = make_lm(model, tok, batch_size)
+    n_mm = matmul_params(model)
+    configure_like_cli(task_dict)
+    prepared: dict[str, PreparedTask] = {}
+    n_jobs = sum(len(v) for v in todo.values())
+    progress = Progress(n_jobs, label=str(model_meta.get("model")))
+    for spec in parsed:
+        if not todo[spec.id]:
+            log.info("%s: all tasks done, skipped", spec.id)
+            continue
+        with torch.no_grad():
+            for n, w in original.items():
+                model.get_parameter(n).copy_(w)
+        summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
+        for name in todo[spec.id]:
+            if name not in prepared:
+                prepared[name] = PreparedTask(name, task_dict["tasks"][name], limit)
+            progress.label = f"{model_meta.get('model')}/{spec.id}"
+            res = score_prepared(lm, prepared[name], progress)
+            df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))
+            written[(spec.id, name)] = write_parquet(df, out_paths[(spec.id, name)])
+            log.info(
+                "%s %s: %s in %.1f s",
+                spec.id,
+                name,
+                task_metrics(res.docs, res.output_type),
+                res.wall_time_s,
+            )
+    return written

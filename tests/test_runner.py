@@ -1,0 +1,266 @@
+"""Evaluation runner: batched (load once, many specs) == one job per spec; resumable; helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from models import shared_data_dir, tiny_model_dir
+
+from kbit.evaluation.batching import (
+    DEFAULT_CPU_BATCH_SIZE,
+    find_batch_size,
+    read_batch_size,
+    write_batch_size,
+)
+from kbit.evaluation.metrics import task_metrics
+from kbit.evaluation.progress import Progress
+from kbit.evaluation.records import write_parquet
+from kbit.evaluation.runner import (
+    evaluate_one,
+    evaluate_specs,
+    load_model,
+    matmul_params,
+    resolve_dtype,
+)
+from kbit.evaluation.tasks import build_task_dict
+
+TASKS = ["lambada_openai", "piqa", "winogrande"]
+SPECS = ["fp16", "int4-b64", "float3-e2-b64"]
+LIMIT = 6
+META = {"model": "tiny", "hf_id": "local/tiny", "revision": "none", "family": "test"}
+#: columns that measure time and so differ between any two runs
+TIMED = {"wall_time_s", "forward_time_s", "flop_per_s"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    data = shared_data_dir() / "eval"
+    if not data.is_dir():
+        pytest.skip(f"shared evaluation data not found at {data} (set KBIT_SHARED_DATA)")
+    tmp = tmp_path_factory.mktemp("runner")
+    return {"tmp": tmp, "data": data, "model": tiny_model_dir("gpt_neox", tmp)}
+
+
+def _tasks(setup: dict) -> dict:
+    return build_task_dict(TASKS, setup["data"], setup["tmp"] / "tasks")
+
+
+def _paths(root: Path) -> dict[tuple[str, str], Path]:
+    return {(q, t): root / q / f"{t}.parquet" for q in SPECS for t in TASKS}
+
+
+def test_batched_equals_one_job_per_spec(setup: dict, caplog: pytest.LogCaptureFixture) -> None:
+    root = setup["tmp"]
+    for q in SPECS:
+        evaluate_one(
+            setup["model"], q, _tasks(setup), root / "single" / q, META,
+            dtype="float32", device="cpu", batch_size=4, limit=LIMIT,
+        )  # fmt: skip
+    paths = _paths(root / "batched")
+    with caplog.at_level(logging.INFO, logger="kbit.evaluation"):
+        written = evaluate_specs(
+            setup["model"], SPECS, _tasks(setup), paths, META,
+            dtype="float32", device="cpu", batch_size=4, limit=LIMIT,
+        )  # fmt: skip
+    assert set(written) == set(paths)
+    assert any("tasks" in r.getMessage() and "rows" in r.getMessage() for r in caplog.records)
+    for (q, t), path in paths.items():
+        a = pd.read_parquet(root / "single" / q / f"{t}.parquet")
+        b = pd.read_parquet(path)
+        assert len(a) == LIMIT and a["doc_id"].tolist() == list(range(LIMIT))
+        cols = [c for c in a.columns if c not in TIMED]
+        assert list(a.columns) == list(b.columns)
+        pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+        assert (a["quant"] == q).all() and (a["task"] == t).all()
+        assert a["flops"].iloc[0] == 2.0 * a["task_n_tokens"].iloc[0] * _mm(setup)
+    # quantization changes the scores, and the bit accounting follows the spec
+    fp = pd.read_parquet(paths[("fp16", "piqa")])
+    q3 = pd.read_parquet(paths[("float3-e2-b64", "piqa")])
+    assert [list(x) for x in fp["ll"]] != [list(x) for x in q3["ll"]]
+    assert fp["total_bits"].iloc[0] == 16 * fp["n_params"].iloc[0]
+    assert q3["total_bits"].iloc[0] < fp["total_bits"].iloc[0]
+    assert q3["n_params_quantized"].iloc[0] > 0 == fp["n_params_quantized"].iloc[0]
+    assert set(task_metrics(fp)) == {"acc", "acc_norm"}
+
+
+def _mm(setup: dict) -> int:
+    model, _ = load_model(setup["model"], "float32", "cpu")
+    return matmul_params(model)
+
+
+def test_batched_is_resumable(setup: dict) -> None:
+    paths = _paths(setup["tmp"] / "resume")
+    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 2}
+    first = evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, **kw)
+    assert len(first) == len(paths)
+    before = {p: p.stat().st_mtime_ns for p in paths.values()}
+    assert evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, **kw) == {}
+    paths[("int4-b64", "piqa")].unlink()
+    again = evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, **kw)
+    assert list(again) == [("int4-b64", "piqa")]
+    for p, t in before.items():
+        if p != paths[("int4-b64", "piqa")]:
+            assert p.stat().st_mtime_ns == t
+
+
+def test_evaluate_specs_needs_every_output_path(setup: dict) -> None:
+    paths = _paths(setup["tmp"] / "x")
+    del paths[("fp16", "piqa")]
+    with pytest.raises(ValueError, match=r"fp16.*piqa"):
+        evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, device="cpu")
+
+
+def test_parquet_schema_and_atomic_write(tmp_path: Path) -> None:
+    df = pd.DataFrame(
+        {
+            "doc_id": [0, 1],
+            "ll": [[-1.0, -2.0], [-3.0]],
+            "is_greedy": [[True, False], []],
+            "choice_chars": [[3, 4], [5]],
+            "acc": [1.0, float("nan")],
+        }
+    )
+    path = write_parquet(df, tmp_path / "a" / "t.parquet")
+    assert [p.name for p in path.parent.iterdir()] == ["t.parquet"]
+    schema = pq.read_schema(path)
+    assert str(schema.field("ll").type) == "list<element: double>"
+    assert str(schema.field("is_greedy").type) == "list<element: bool>"
+    back = pd.read_parquet(path)
+    assert back["ll"].iloc[0].tolist() == [-1.0, -2.0]
+
+
+def test_batch_size_on_cpu_and_json(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 4)
+    assert find_batch_size(model, 128, "cpu") == DEFAULT_CPU_BATCH_SIZE
+    assert find_batch_size(model, 128, "cpu", default=3) == 3
+    with pytest.raises(ValueError, match="max_length"):
+        find_batch_size(model, 0, "cpu")
+    path = tmp_path / "bs.json"
+    write_batch_size(path, {"batch_size": 16, "device": "cpu"})
+    assert read_batch_size(path) == 16
+    assert read_batch_size(None, default=5) == 5
+    path.write_text(json.dumps({"batch_size": "auto"}))
+    with pytest.raises(ValueError, match="positive integer"):
+        read_batch_size(path)
+    with pytest.raises(ValueError, match="positive integer"):
+        write_batch_size(path, {"batch_size": 0})
+
+
+def test_eval_dtype_and_bad_inputs(tmp_path: Path) -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="allowed are"):
+        resolve_dtype("int8", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_progress_logs_tasks_rows_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    p = Progress(n_tasks=2, interval_s=0.0, label="m/q")
+    with caplog.at_level(logging.INFO, logger="kbit.evaluation"):
+        p.start_task("piqa")
+        p.add_rows(10)
+        p.tick(5)
+        p.end_task()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "tasks 0/2, rows 5/10" in msgs[0] and "time left" in msgs[0]
+    assert "tasks 1/2, rows 10/10" in msgs[-1] and msgs[-1].endswith("done")
+
+
+def test_artifact_job_equals_batched(setup: dict) -> None:
+    """The one-job path reading a packed artifact writes what the batched job writes."""
+    from kbit.artifact import quantize_to_artifact
+
+    spec, task = "int4-b64", "piqa"
+    art = setup["tmp"] / "artifact"
+    quantize_to_artifact(setup["model"], spec, art, device="cpu")
+    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 4}
+    one = setup["tmp"] / "art-one.parquet"
+    tasks = build_task_dict([task], setup["data"], setup["tmp"] / "tasks")
+    evaluate_one(setup["model"], spec, tasks, one, META, artifact_dir=art, **kw)
+    paths = {(spec, task): setup["tmp"] / "art-batched.parquet"}
+    tasks = build_task_dict([task], setup["data"], setup["tmp"] / "tasks")
+    evaluate_specs(setup["model"], [spec], tasks, paths, META, **kw)
+    a, b = pd.read_parquet(one), pd.read_parquet(paths[(spec, task)])
+    cols = [c for c in a.columns if c not in TIMED]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+
+
+class _Named(dict):
+    """The attribute-and-get access of Snakemake's input/params objects."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _run_script(name: str, **fields: object) -> None:
+    import runpy
+
+    smk = _Named(
+        input=_Named(fields["input"]),
+        params=_Named(fields["params"]),
+        output=list(fields["output"]),
+        log=list(fields["log"]),
+    )
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "workflow" / "scripts" / name),
+                   init_globals={"snakemake": smk})  # fmt: skip
+
+
+def test_workflow_scripts(setup: dict) -> None:
+    """batch_size.py -> evaluate.py (one job) and evaluate_batched.py give the same files."""
+    from kbit.evaluation.tasks import prepare_tasks
+
+    tmp = setup["tmp"] / "scripts"
+    prepared = prepare_tasks(TASKS, setup["data"], tmp / "tasks")
+    settings = {"dtype": "float32", "device": "cpu", "limit": 3}
+    quantize = {"include": None, "exclude": None, "quantize_embeddings": False}
+    bs = tmp / "batch.json"
+    _run_script(
+        "batch_size.py",
+        input={"model": str(setup["model"]), "tasks": str(prepared)},
+        params={"tasks": TASKS, "eval": settings, "requested": "auto"},
+        output=[str(bs)],
+        log=[str(tmp / "bs.log")],
+    )
+    assert read_batch_size(bs) == DEFAULT_CPU_BATCH_SIZE
+    common = {"model": str(setup["model"]), "tasks": str(prepared), "batch_size": str(bs)}
+    one = tmp / "one.parquet"
+    _run_script(
+        "evaluate.py",
+        input=common,
+        params={
+            "task": "winogrande",
+            "quant": "int4-b64",
+            "model_meta": META,
+            "eval": settings,
+            "quantize": quantize,
+        },
+        output=[str(one)],
+        log=[str(tmp / "one.log")],
+    )
+    quants = ["fp16", "int4-b64"]
+    outs = [tmp / q / f"{t}.parquet" for q in quants for t in TASKS]
+    _run_script(
+        "evaluate_batched.py",
+        input=common,
+        params={
+            "quants": quants,
+            "tasks": TASKS,
+            "model_meta": META,
+            "eval": settings,
+            "quantize": quantize,
+        },
+        output=[str(p) for p in outs],
+        log=[str(tmp / "batched.log")],
+    )
+    assert all(p.is_file() for p in outs)
+    a, b = pd.read_parquet(one), pd.read_parquet(tmp / "int4-b64" / "winogrande.parquet")
+    cols = [c for c in a.columns if c not in TIMED]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+    assert a["batch_size"].iloc[0] == DEFAULT_CPU_BATCH_SIZE and len(a) == 3
+    assert "tasks" in (tmp / "batched.log").read_text()
