@@ -5,7 +5,9 @@ One run measures, on one 2^28-element fp16 tensor of randn:
 * the anchor: a device-to-device copy (bytes read + written / time), the practical ceiling for
   any one-pass elementwise kernel;
 * ``fake_quantize_blockwise`` (read fp16, write fp16) for int/float/nf/dynamic at k = 3, 4, 8
-  and B = 32..4096, as GB/s and as % of the copy bandwidth;
+  and B = 32..4096, as GB/s and as % of the copy bandwidth, with each code search (the
+  midpoint tree, 4-byte bucket records, 1-byte bucket table + midpoint read); the default
+  configuration (``search="auto"``) picks one of them per codebook;
 * 4-bit quantize-to-packed and dequantize against bitsandbytes ``quantize_4bit`` /
   ``dequantize_4bit`` (fp4, nf4), and 8-bit against bitsandbytes ``quantize_blockwise`` /
   ``dequantize_blockwise``, at B = 64..4096.
@@ -42,8 +44,8 @@ from kbit.kernels.blockwise import DEFAULT_CONFIG
 FQ_TYPES = ("int", "float", "nf", "dynamic")
 FQ_BITS = (3, 4, 8)
 FQ_BLOCKS = (32, 64, 128, 256, 1024, 4096)
-#: extra 8-bit rows with the search reading this many tree levels per vector load
-FQ_STEPS_8BIT = (2, 3)
+#: code searches timed for every codebook (``KernelConfig.search``)
+FQ_SEARCHES = ("tree", "bucket", "bucket-mid", "bucket-smem")
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -76,26 +78,51 @@ def _load_bnb():
     return bnb, bnbf
 
 
+def _auto_search(cb: torch.Tensor, pack: bool = False) -> str:
+    """The search ``search="auto"`` runs for this codebook (as ``blockwise._search_args``)."""
+    from kbit.kernels import blockwise
+
+    kw = blockwise._search_args(cb, torch.device("cpu"), DEFAULT_CONFIG, pack)["kw"]
+    return {v: k for k, v in blockwise._SEARCH_MODES.items()}[kw["SEARCH"]]
+
+
 def sweep(x: torch.Tensor, copy_gbs: float) -> list[dict]:
     """Launch-parameter variants on representative cases (results never change, only speed).
 
     A variant that fails to compile is recorded with its error instead of stopping the run.
     """
     rows = []
-    variants = [dict(search_step=st) for st in (2, 3)] + [dict(tile=1024, per_thread=16)]
-    for var in variants:
-        cfg = replace(DEFAULT_CONFIG, **var)
-        for name, k, block in (("nf", 4, 64), ("int", 3, 4096), ("dynamic", 8, 64)):
-            cb = codebook(name, k)
-            for op in ("fake_quantize", "quantize"):
+    fake_vars = [
+        dict(fast_div=False),
+        dict(tile=4096, per_thread=16),
+        dict(tile=1024, per_thread=8),
+        dict(per_thread=8),
+    ]
+    pack_vars = [
+        dict(search="tree"),
+        dict(search="bucket-mid"),
+        dict(search="bucket-smem"),
+        dict(fast_div=False),
+        dict(pack_tile=2048, pack_per_thread=16),
+    ]
+    cases = (("dynamic", 8, 64), ("nf", 8, 128), ("int", 8, 4096), ("nf", 4, 1024), ("int", 3, 64))
+    for op, variants in (("fake_quantize", fake_vars), ("quantize", pack_vars)):
+        for var in variants:
+            cfg = replace(DEFAULT_CONFIG, **var)
+            for name, k, block in cases:
+                cb = codebook(name, k)
                 if op == "fake_quantize":
                     fn = partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg)
                 else:
                     fn = partial(kernels.quantize_blockwise, x, cb, block, torch.float16, k,
                                  config=cfg)  # fmt: skip
-                row = dict(kernel=op, case=f"{name}{k}-b{block}", **var)
+                search = _auto_search(cb, pack=op == "quantize")
+                row = dict(kernel=op, case=f"{name}{k}-b{block}", search=search)
+                row.update(var)
                 try:
                     row["ms"] = _bench(fn)
+                    if op == "fake_quantize":
+                        row["pct_copy"] = 100 * _gbs(4 * x.numel(), row["ms"]) / copy_gbs
                 except Exception as e:  # keep the other measurements
                     row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -109,17 +136,17 @@ def bench_fake_quantize(x: torch.Tensor, copy_gbs: float) -> list[dict]:
     for name in FQ_TYPES:
         for k in FQ_BITS:
             cb = codebook(name, k)
-            steps = [DEFAULT_CONFIG.search_step] + (list(FQ_STEPS_8BIT) if k == 8 else [])
-            for step in steps:
-                cfg = replace(DEFAULT_CONFIG, search_step=step)
+            auto = _auto_search(cb)
+            for search in FQ_SEARCHES:
+                cfg = replace(DEFAULT_CONFIG, search=search, bucket_min_entries=0)
                 for block in FQ_BLOCKS:
                     ms = _bench(partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg))
                     gbs = _gbs(4 * n, ms)
-                    rows.append(dict(dtype=name, bits=k, block=block, search_step=step,
-                                     codebook_size=cb.numel(), ms=ms, gbs=gbs,
-                                     pct_copy=100 * gbs / copy_gbs))  # fmt: skip
                     pct = 100 * gbs / copy_gbs
-                    print(f"fake_quantize {name}{k} step={step} B={block}: {ms:.3f} ms "
+                    rows.append(dict(dtype=name, bits=k, block=block, search=search,
+                                     default=search == auto, codebook_size=cb.numel(), ms=ms,
+                                     gbs=gbs, pct_copy=pct))  # fmt: skip
+                    print(f"fake_quantize {name}{k} search={search} B={block}: {ms:.3f} ms "
                           f"{gbs:.0f} GB/s ({pct:.0f}% of copy)", flush=True)  # fmt: skip
     return rows
 
@@ -182,7 +209,8 @@ def _agreement(x, cb, block, k, bnbf, bq, st) -> dict:
 
 
 def self_check(x: torch.Tensor) -> dict:
-    """On the full tensor: dequantize(quantize(x)) equals fake_quantize(x), bit for bit."""
+    """On the full tensor: dequantize(quantize(x)) equals fake_quantize(x), bit for bit, and
+    every 8-bit codebook gives the same result with each code search."""
     out = {}
     for name, k, block in (("nf", 4, 64), ("float", 3, 128), ("dynamic", 8, 4096)):
         cb = codebook(name, k)
@@ -190,6 +218,14 @@ def self_check(x: torch.Tensor) -> dict:
         p, s = kernels.quantize_blockwise(x, cb, block, torch.float16, k)
         d = kernels.dequantize_blockwise(p, s, cb, block, k, x.numel(), torch.float16)
         out[f"{name}{k}-b{block}"] = bool(torch.equal(y, d))
+    for name in FQ_TYPES:
+        cb = codebook(name, 8)
+        ys = []
+        for search in FQ_SEARCHES:
+            cfg = replace(DEFAULT_CONFIG, search=search)
+            ys.append(kernels.fake_quantize_blockwise(x, cb, 64, config=cfg))
+        out[f"{name}8-b64-searches-equal"] = all(torch.equal(ys[0], y) for y in ys[1:])
+        ys = None
     return out
 
 
@@ -197,18 +233,47 @@ def markdown(res: dict) -> str:
     lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, medians)", ""]
     lines.append(f"Copy (read + write): {res['copy_gbs']:.0f} GB/s")
     lines.append("")
-    lines.append("fake_quantize_blockwise, GB/s (% of copy):")
+    by = {(r["dtype"], r["bits"], r["search"], r["block"]): r for r in res["fake_quantize"]}
+    head = " | ".join(f"B={b}" for b in FQ_BLOCKS)
+    lines.append("fake_quantize_blockwise with the default configuration, GB/s (% of copy):")
     lines.append("")
-    lines.append("| type | k | search step | " + " | ".join(f"B={b}" for b in FQ_BLOCKS) + " |")
-    lines.append("|---|---|---|" + "---|" * len(FQ_BLOCKS))
-    by = {(r["dtype"], r["bits"], r["search_step"], r["block"]): r for r in res["fake_quantize"]}
+    lines.append(f"| type | k | search | {head} | min % |")
+    lines.append("|---|---|---|" + "---|" * (len(FQ_BLOCKS) + 1))
     for name in FQ_TYPES:
         for k in FQ_BITS:
-            steps = [DEFAULT_CONFIG.search_step] + (list(FQ_STEPS_8BIT) if k == 8 else [])
-            for st in steps:
-                rs = [by[(name, k, st, b)] for b in FQ_BLOCKS]
-                cells = [f"{r['gbs']:.0f} ({r['pct_copy']:.0f}%)" for r in rs]
-                lines.append(f"| {name} | {k} | {st} | " + " | ".join(cells) + " |")
+            rs = [r for r in res["fake_quantize"]
+                  if r["dtype"] == name and r["bits"] == k and r["default"]]  # fmt: skip
+            rs.sort(key=lambda r: r["block"])
+            if not rs:  # the default search was not timed (--searches)
+                continue
+            cells = [f"{r['gbs']:.0f} ({r['pct_copy']:.0f}%)" for r in rs]
+            low = min(r["pct_copy"] for r in rs)
+            lines.append(f"| {name} | {k} | {rs[0]['search']} | " + " | ".join(cells)
+                         + f" | {low:.0f}% |")  # fmt: skip
+    lines.append("")
+    lines.append("Every search, % of copy (default marked *):")
+    lines.append("")
+    lines.append(f"| type | k | search | {head} |")
+    lines.append("|---|---|---|" + "---|" * len(FQ_BLOCKS))
+    for name in FQ_TYPES:
+        for k in FQ_BITS:
+            for search in FQ_SEARCHES:
+                rs = [by[(name, k, search, b)] for b in FQ_BLOCKS]
+                mark = "*" if rs[0]["default"] else ""
+                cells = [f"{r['pct_copy']:.0f}%" for r in rs]
+                lines.append(f"| {name} | {k} | {search}{mark} | " + " | ".join(cells) + " |")
+    if res.get("sweep"):
+        lines.append("")
+        lines.append("Launch-parameter sweep, ms:")
+        lines.append("")
+        lines.append("| kernel | case | variant | ms | % of copy |")
+        lines.append("|---|---|---|---|---|")
+        for r in res["sweep"]:
+            skip = ("kernel", "case", "ms", "pct_copy", "error")
+            var = ", ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
+            ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
+            pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
+            lines.append(f"| {r['kernel']} | {r['case']} | {var} | {ms} | {pct} |")
     lines.append("")
     lines.append("Quantize / dequantize vs bitsandbytes, ms (speedup = bnb time / kbit time):")
     lines.append("")
@@ -234,7 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="directory for quant_*.json/.md")
     ap.add_argument("--numel", type=int, default=1 << 28, help="values in the test tensor")
     ap.add_argument("--sweep", action="store_true", help="also time launch-parameter variants")
+    ap.add_argument("--bits", default=None, help="fake-quantize rows for these k only (3,4,8)")
+    ap.add_argument("--searches", default=None, help="code searches to time (comma list)")
+    ap.add_argument("--no-bnb", action="store_true", help="skip quantize/dequantize vs bnb")
     args = ap.parse_args(argv)
+    global FQ_BITS, FQ_SEARCHES
+    if args.bits:
+        FQ_BITS = tuple(int(b) for b in args.bits.split(","))
+    if args.searches:
+        FQ_SEARCHES = tuple(args.searches.split(","))
     if not torch.cuda.is_available():
         print("bench_quant needs a CUDA device", file=sys.stderr)
         return 2
@@ -266,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         res["sweep"] = sweep(x, copy_gbs)
     res["fake_quantize"] = bench_fake_quantize(x, copy_gbs)
-    res["vs_bnb"], res["bnb_agreement"] = bench_vs_bnb(x, bnbf)
+    res["vs_bnb"], res["bnb_agreement"] = ([], {}) if args.no_bnb else bench_vs_bnb(x, bnbf)
     res["seconds"] = time.time() - t0
     slug = re.sub(r"[^a-z0-9]+", "_", res["device"].lower()).strip("_")
     _write_atomic(args.out / f"quant_{slug}.json", json.dumps(res, indent=1) + "\n")

@@ -36,7 +36,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -371,19 +371,59 @@ def untie_partially_selected(model: nn.Module, selected: Iterable[str]) -> list[
     return untied
 
 
-def _disable_tying(model: nn.Module) -> None:
-    # transformers ties through ``_tied_weights_keys`` only while tie_word_embeddings is set, so
-    # with it off the precomputed mapping (used by tie_weights(recompute_mapping=False)) is empty
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config and its text config (they differ for multimodal models)."""
     configs = [model.config]
     get_text = getattr(model.config, "get_text_config", None)
     if get_text is not None:
         configs.append(get_text())
-    for cfg in configs:
+    return configs
+
+
+def _disable_tying(model: nn.Module) -> None:
+    # transformers ties through ``_tied_weights_keys`` only while tie_word_embeddings is set, so
+    # with it off the precomputed mapping (used by tie_weights(recompute_mapping=False)) is empty
+    for cfg in _configs(model):
         cfg.tie_word_embeddings = False
     for mod in model.modules():
         keys = getattr(mod, "all_tied_weights_keys", None)
         if isinstance(keys, dict):
             keys.clear()
+
+
+class WeightSnapshot:
+    """The model's weights and weight tying as loaded, to evaluate many specs on one model.
+
+    ``quantize_model`` changes weights in place and may untie a tied pair (and switch tying off
+    in the config); :meth:`restore` undoes both, so each spec starts from the loaded model and
+    its bit accounting counts a tied tensor once, as for a fresh load.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.data = {id(p): p.detach().clone() for p in self.params.values()}
+        self.configs = [(c, c.tie_word_embeddings) for c in _configs(model)]
+        self.tied_keys = {
+            mod: dict(keys)
+            for mod in model.modules()
+            if isinstance(keys := getattr(mod, "all_tied_weights_keys", None), dict)
+        }
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Put every original parameter object back under all its names, with its values."""
+        for name, param in self.params.items():
+            module_name, leaf = _param_owner(name)
+            module = model.get_submodule(module_name)
+            if getattr(module, leaf) is not param:
+                setattr(module, leaf, param)
+        for param in {id(p): p for p in self.params.values()}.values():
+            param.copy_(self.data[id(param)])
+        for cfg, tied in self.configs:
+            cfg.tie_word_embeddings = tied
+        for mod, keys in self.tied_keys.items():
+            mod.all_tied_weights_keys.clear()
+            mod.all_tied_weights_keys.update(keys)
 
 
 # ----------------------------------------------------------------------------- quantization

@@ -248,13 +248,35 @@ def test_shapes_and_empty(device: str) -> None:
     assert packed.numel() == 0 and sc.numel() == 0
 
 
-@pytest.mark.parametrize(("step", "reg_levels"), [(1, 0), (1, 3), (2, 0), (2, 2), (3, 2), (4, 1)])
-def test_search_variants_agree(device: str, step: int, reg_levels: int) -> None:
-    """Every search layout (register levels, one gather per level, subtree records read
-    several levels at a time) gives the reference codes, on all three kernel shapes."""
+@pytest.mark.parametrize(
+    ("search", "step", "reg_levels"),
+    [
+        ("tree", 1, 0),
+        ("tree", 1, 3),
+        ("tree", 2, 0),
+        ("tree", 2, 2),
+        ("tree", 3, 2),
+        ("tree", 4, 1),
+        ("bucket", 1, 2),
+        ("bucket-mid", 1, 2),
+        ("bucket-smem", 1, 2),
+    ],
+)
+def test_search_variants_agree(device: str, search: str, step: int, reg_levels: int) -> None:
+    """Every search (tree: register levels, one gather per level, subtree records read several
+    levels at a time; bucket tables of both record kinds, also for small codebooks) gives the
+    reference codes, on all three kernel shapes."""
     from kbit.kernels.blockwise import DEFAULT_CONFIG, KernelConfig
 
-    cfg = KernelConfig(**{**DEFAULT_CONFIG.__dict__, "search_step": step, "reg_levels": reg_levels})
+    cfg = KernelConfig(
+        **{
+            **DEFAULT_CONFIG.__dict__,
+            "search": search,
+            "bucket_min_entries": 0,
+            "search_step": step,
+            "reg_levels": reg_levels,
+        }
+    )
     for name, k in (("dynamic", 8), ("nf", 4), ("float", 5), ("int", 3)):
         cb = codebook(name, k)
         x = _input(2051, torch.float32, device, seed=k)
@@ -264,6 +286,121 @@ def test_search_variants_agree(device: str, step: int, reg_levels: int) -> None:
             assert torch.equal(y.cpu(), y_ref), (name, k, block)
             packed, _ = kernels.quantize_blockwise(x, cb, block, torch.float16, k, config=cfg)
             assert torch.equal(packed.cpu(), ref_packed), (name, k, block)
+
+
+def _edge_codebooks() -> list[tuple[str, int, torch.Tensor]]:
+    """Every codebook of CODEBOOKS plus tables that stress the bucket layout: a midpoint at
+    exactly 0 (no zero entry), entries near fp32's smallest normal, two midpoints too close
+    together for any bucket layout to separate (read as buckets of two midpoints)."""
+    extra = [
+        ("sym-nozero", 2, torch.tensor([-1.0, -0.3, 0.3, 1.0])),
+        ("tiny", 3, torch.tensor([-1.0, -1e-30, 0.0, 1e-37, 1.0])),
+        ("close-triple", 3, torch.tensor([-1.0, 0.25, 0.25 + 2**-20, 0.25 + 2**-19, 1.0])),
+    ]
+    return list(CODEBOOKS) + extra
+
+
+@pytest.mark.parametrize("search", ["bucket", "bucket-mid", "bucket-smem"])
+def test_bucket_search_at_midpoints(device: str, search: str) -> None:
+    """With scale 1 (so xn == x): every midpoint, the floats just above and below it, every
+    entry, signed zeros, subnormals and tiny normals get the reference code, through the fused
+    and the two-pass kernels, for every codebook family at k = 2..8."""
+    from kbit.kernels.blockwise import KernelConfig
+
+    cfg = KernelConfig(search=search, bucket_min_entries=0)
+    special = [0.0, -0.0, 1e-40, -1e-40, 2.0**-126, -(2.0**-126), 1e-20, -1e-20, 2.0**-20]
+    for name, k, cb in _edge_codebooks():
+        mids = (cb[:-1] + cb[1:]) / 2
+        up = torch.nextafter(mids, torch.tensor(math.inf))
+        down = torch.nextafter(mids, torch.tensor(-math.inf))
+        x = torch.cat([mids, up, down, cb, torch.tensor([*special, 1.0, -1.0])]).float()
+        x = torch.cat([x, torch.zeros((-x.numel()) % 8)]).to(device)
+        codes, scales, y_ref = _reference(x, cb, None, torch.float32)
+        assert float(scales[0]) == 1.0
+        for block in (None, x.numel()):
+            y = kernels.fake_quantize_blockwise(x, cb, block, torch.float32, config=cfg)
+            assert torch.equal(y.cpu(), y_ref), (name, k, block)
+            packed, _ = kernels.quantize_blockwise(x, cb, block, torch.float32, k, config=cfg)
+            assert torch.equal(packed.cpu(), pack(codes, k)), (name, k, block)
+
+
+@needs_triton
+def test_bucket_layouts() -> None:
+    """Every codebook up to 8 bits gets a bucket table (so ``auto`` never falls back to the
+    tree for them); no bucket holds more than ``refine`` midpoints; each bucket's first code is
+    the number of midpoints below it, and its records hold that midpoint and codebook entries.
+    The standard types get one-read records. A codebook with midpoints below fp32's normal
+    range has no layout and falls back to the tree."""
+    from kbit.kernels import blockwise as bw
+
+    for name, k, cb in _edge_codebooks():
+        cb = cb.float().contiguous()
+        mids = ((cb[:-1] + cb[1:]) / 2).numpy()
+        for mode in (1, 2, 3):
+            bt = bw._bucket_tables(cb, torch.device("cpu"), mode)
+            assert bt is not None, (name, k)
+            if name in ("int", "float", "nf", "dynamic"):
+                assert bt.mode == mode and bt.refine == 1, (name, k, mode)
+            if name == "close-triple":
+                assert bt.mode == max(mode, 2) and bt.refine == 2
+            if bt.mode == 3:
+                assert bt.ntab >= max(cb.numel(), mids.size + bt.refine)
+                assert torch.equal(bt.cb[: cb.numel()], cb) and bt.mids.numel() == bt.ntab
+            idx = bw._bucket_index(mids, bt.layout)
+            assert idx.size == 0 or int(torch.bincount(torch.from_numpy(idx)).max()) <= bt.refine
+            lows = bt.pack.long() >> 32 if bt.mode == 1 else bt.pack.long()
+            assert torch.equal(lows, torch.from_numpy(bw._bucket_lows(mids, bt.layout)))
+            assert bool((lows[1:] >= lows[:-1]).all()) and int(lows.max()) <= cb.numel() - 1
+            for j in range(mids.size):  # the bucket of midpoint j starts above j of them
+                assert int(lows[idx[j]]) <= j
+            if bt.mode == 1:
+                fake = bt.fake.numpy()
+                mid = (fake & 0xFFFFFFFF).astype("uint32").view("float32")
+                lo = (fake >> 32).astype("uint32").view("float32")
+                pad = torch.cat([torch.from_numpy(mids), torch.tensor([math.inf])])
+                assert torch.equal(torch.from_numpy(mid), pad[lows])
+                assert torch.equal(torch.from_numpy(lo), cb[lows])
+                assert torch.equal(bt.hi, cb[(lows + 1).clamp(max=cb.numel() - 1)])
+    deep = torch.tensor([-1.0, 0.0, 1e-38, 1.0])
+    assert bw._bucket_tables(deep, torch.device("cpu"), 1) is None
+    if INTERPRETED:
+        x = torch.tensor([0.5e-38, 1e-38, 2e-38, 0.2, -0.2, 1.0] + [0.0] * 58)
+        cfg = bw.KernelConfig(search="bucket", bucket_min_entries=0)
+        _, _, y_ref = _reference(x, deep, None, torch.float32)
+        assert torch.equal(kernels.fake_quantize_blockwise(x, deep, None, config=cfg), y_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and triton")
+def test_fast_division_is_exact_on_fp16() -> None:
+    """The fused kernels' fast division (fp16 inputs, fp16 scales) equals ``div_rn`` for every
+    finite fp16 value divided by every positive finite fp16 scale: 2 * 10^9 pairs, all of the
+    domain it is used on."""
+    import triton
+    import triton.language as tl
+
+    from kbit.kernels import triton_kernels as tk
+
+    @triton.jit
+    def _compare(x_ptr, s_ptr, bad_ptr, NX: tl.constexpr):
+        s = tl.load(s_ptr + tl.program_id(0) + tl.zeros([1, 1], tl.int32))
+        x = tl.load(x_ptr + tl.program_id(1) * NX + tl.arange(0, NX)[None, :]).to(tl.float32)
+        fast = tk._scaled(x, s, True)
+        ref = tk._scaled(x, s, False)
+        diff = fast.to(tl.int32, bitcast=True) != ref.to(tl.int32, bitcast=True)
+        # -0 and +0 may differ in sign: the same value, the same code
+        diff = diff & ((fast != 0.0) | (ref != 0.0))
+        tl.atomic_add(bad_ptr, tl.sum(tl.sum(diff.to(tl.int32), axis=1), axis=0))
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    allh = bits.view(torch.float16)
+    xs = allh[torch.isfinite(allh)].cuda()
+    scales = allh[torch.isfinite(allh) & (allh > 0)].float().cuda()
+    xs = torch.cat([xs, xs[: (1 << 16) - xs.numel()]])  # pad with repeats to 2**16
+    bad = torch.zeros(1, dtype=torch.int32, device="cuda")
+    _compare[(scales.numel(), 16)](xs, scales, bad, NX=4096, num_warps=4)
+    assert xs.numel() == 1 << 16 and scales.numel() == 31743
+    assert int(bad.item()) == 0
 
 
 @pytest.mark.gpu

@@ -245,22 +245,54 @@ def test_workflow_scripts(setup: dict) -> None:
     )
     quants = ["fp16", "int4-b64"]
     outs = [tmp / q / f"{t}.parquet" for q in quants for t in TASKS]
-    _run_script(
-        "evaluate_batched.py",
-        input=common,
-        params={
+    batched = {
+        "input": common,
+        "params": {
             "quants": quants,
             "tasks": TASKS,
             "model_meta": META,
-            "eval": settings,
+            "eval": {**settings, "task_limits": {"piqa": 2}},
             "quantize": quantize,
+            "cache": str(tmp / "cache"),
         },
-        output=[str(p) for p in outs],
-        log=[str(tmp / "batched.log")],
-    )
+        "output": [str(p) for p in outs],
+        "log": [str(tmp / "batched.log")],
+    }
+    _run_script("evaluate_batched.py", **batched)
     assert all(p.is_file() for p in outs)
+    assert len(pd.read_parquet(tmp / "fp16" / "piqa.parquet")) == 2
+    # a restarted job (Snakemake deleted its outputs) takes the finished files from the cache
+    first = {p: pd.read_parquet(p) for p in outs}
+    for p in outs:
+        p.unlink()
+    _run_script("evaluate_batched.py", **batched)
+    assert "0 of 6 files evaluated" in (tmp / "batched.log").read_text()
+    for p in outs:
+        pd.testing.assert_frame_equal(first[p], pd.read_parquet(p), check_exact=True)
     a, b = pd.read_parquet(one), pd.read_parquet(tmp / "int4-b64" / "winogrande.parquet")
     cols = [c for c in a.columns if c not in TIMED]
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
     assert a["batch_size"].iloc[0] == DEFAULT_CPU_BATCH_SIZE and len(a) == 3
-    assert "tasks" in (tmp / "batched.log").read_text()
+    # a changed setting is a fresh cache entry, not a stale file
+    batched["params"]["eval"] = {**settings, "task_limits": {"piqa": 1}}
+    _run_script("evaluate_batched.py", **batched)
+    assert len(pd.read_parquet(tmp / "fp16" / "piqa.parquet")) == 1
+
+
+def test_batched_restores_tied_weights(setup: dict) -> None:
+    """A spec that quantizes the LM head of a tied model unties it; the next spec must still
+    see the original weights on both sides (the fp16 scores equal those of a fresh load)."""
+    model = tiny_model_dir("gpt2", setup["tmp"])
+    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 3}
+    opts = {"quantize_lm_head": True}
+    root = setup["tmp"] / "tied"
+    task = build_task_dict(["piqa"], setup["data"], setup["tmp"] / "tasks-tied")
+    evaluate_one(model, "fp16", task, root / "fresh.parquet", META, **kw)
+    fresh = pd.read_parquet(root / "fresh.parquet")
+    paths = {(q, "piqa"): root / q / "piqa.parquet" for q in ("int3-b64", "fp16")}
+    evaluate_specs(model, ["int3-b64", "fp16"], task, paths, META, quant_kwargs=opts, **kw)
+    after = pd.read_parquet(paths[("fp16", "piqa")])
+    cols = [c for c in fresh.columns if c not in TIMED]
+    pd.testing.assert_frame_equal(fresh[cols], after[cols], check_exact=True)
+    q3 = pd.read_parquet(paths[("int3-b64", "piqa")])
+    assert [list(x) for x in q3["ll"]] != [list(x) for x in after["ll"]]

@@ -214,6 +214,25 @@ def quant_options(quantize_config: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: quantize_config[k] for k in keys if quantize_config and k in quantize_config}
 
 
+#: documents per task: one number for every task, or task name -> number (None: all of them)
+Limit = int | Mapping[str, int | None] | None
+
+
+def limit_for(limit: Limit, task: str) -> int | None:
+    """The document limit of one task under ``limit`` (see :data:`Limit`)."""
+    return limit.get(task) if isinstance(limit, Mapping) else limit
+
+
+def task_limits(settings: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, int | None]:
+    """Per-task limits of the workflow's ``eval`` settings: ``task_limits`` overrides ``limit``.
+
+    Perplexity tasks such as wikitext have few but long documents; limiting them separately
+    keeps a quick study's tasks comparable in cost.
+    """
+    per_task = dict(settings.get("task_limits") or {})
+    return {t: per_task.get(t, settings.get("limit")) for t in tasks}
+
+
 def _check_tasks(task_dict: Mapping[str, Any]) -> None:
     if "tasks" not in task_dict:
         raise ValueError("task_dict must be lm-eval's TaskManager.load() result (key 'tasks')")
@@ -246,7 +265,7 @@ class TaskResult:
 def evaluate_tasks(
     lm: ReusingHFLM,
     task_dict: Mapping[str, Any],
-    limit: int | None = None,
+    limit: Limit = None,
     together: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, TaskResult]:
@@ -270,7 +289,12 @@ def evaluate_tasks(
             progress.start_task(",".join(names))
         lm.reset_counters()
         t0 = time.perf_counter()
-        res = evaluate(lm=lm, task_dict=sub, limit=limit, bootstrap_iters=0, log_samples=True)
+        limits = {limit_for(limit, n) for n in names}
+        if len(limits) > 1:
+            raise ValueError(f"tasks evaluated together need one limit, got {limit}")
+        res = evaluate(
+            lm=lm, task_dict=sub, limit=limits.pop(), bootstrap_iters=0, log_samples=True
+        )
         _sync(lm)
         wall = time.perf_counter() - t0
         if progress is not None:
@@ -426,7 +450,7 @@ def evaluate_one(
     dtype: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
-    limit: int | None = None,
+    limit: Limit = None,
     trust_remote_code: bool = False,
     quant_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
@@ -467,7 +491,7 @@ def evaluate_specs(
     dtype: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
-    limit: int | None = None,
+    limit: Limit = None,
     trust_remote_code: bool = False,
     quant_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[tuple[str, str], Path]:
@@ -490,7 +514,9 @@ def evaluate_specs(
         log.info("all %d outputs exist; nothing to evaluate", len(parsed) * len(names))
         return written
     model, tok = load_model(model_dir, dtype, device, trust_remote_code)
-    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    from kbit.model import WeightSnapshot
+
+    original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
     lm = make_lm(model, tok, batch_size)
     n_mm = matmul_params(model)
     configure_like_cli(task_dict)
@@ -501,13 +527,12 @@ def evaluate_specs(
         if not todo[spec.id]:
             log.info("%s: all tasks done, skipped", spec.id)
             continue
-        with torch.no_grad():
-            for n, w in original.items():
-                model.get_parameter(n).copy_(w)
+        original.restore(model)
         summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
         for name in todo[spec.id]:
             if name not in prepared:
-                prepared[name] = PreparedTask(name, task_dict["tasks"][name], limit)
+                task = task_dict["tasks"][name]
+                prepared[name] = PreparedTask(name, task, limit_for(limit, name))
             progress.label = f"{model_meta.get('model')}/{spec.id}"
             res = score_prepared(lm, prepared[name], progress)
             df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kbit.kernels import triton_kernels as tk
@@ -34,16 +35,32 @@ class KernelConfig:
 
     ``tile`` / ``pack_tile``: values per program in the fused fake-quantize / pack kernels
     (whole blocks; at least one block). ``per_thread`` / ``pack_per_thread``: values per
-    thread, which sets the warps per program. ``reg_levels``: search-tree levels resolved by
-    selects instead of table gathers; ``search_step``: levels resolved per vector load after
-    those (1 = one gather per level). ``flat_groups`` / ``dequant_groups``: groups of 8 values
-    per program in the two-pass and dequantize kernels.
+    thread, which sets the warps per program. ``search``: how a normalized value finds its
+    code: ``"tree"`` (descent of the midpoint search tree, one table read per level),
+    ``"bucket"`` (one read of a bucket record indexed by the value's bit pattern; for fake
+    quantization a second, independent read, and no codebook read), ``"bucket-mid"`` (a 1-byte
+    bucket table, then a midpoint read and a codebook read), ``"bucket-smem"`` (the same, with
+    the midpoints and the codebook read from a copy in shared memory) or ``"auto"``: the tree
+    for codebooks of at most ``bucket_min_entries`` entries; above, ``bucket-smem`` for fake
+    quantization and ``bucket`` for packing (the fastest on an H100, see
+    benchmarks/kernels_notes.md). A codebook without a bucket layout of one midpoint per
+    bucket reads several midpoints (``bucket`` becomes ``bucket-mid``), and one without any
+    layout uses the tree. ``fast_div``: for fp16 inputs
+    with fp16 scales, divide by the block scale with a reciprocal computed once per block and
+    one FMA correction (correctly rounded there, checked exhaustively) instead of ``div_rn``.
+    ``reg_levels``: search-tree levels resolved by selects instead of table gathers;
+    ``search_step``: tree levels resolved per vector load after those (1 = one gather per
+    level). ``flat_groups`` / ``dequant_groups``: groups of 8 values per program in the
+    two-pass and dequantize kernels.
     """
 
     tile: int = 2048
     per_thread: int = 16
     pack_tile: int = 4096
     pack_per_thread: int = 32
+    search: str = "auto"
+    bucket_min_entries: int = 8
+    fast_div: bool = True
     reg_levels: int = 2
     search_step: int = 1
     flat_groups: int = 256
@@ -55,7 +72,9 @@ class KernelConfig:
 
 DEFAULT_CONFIG = KernelConfig()
 
+_SEARCH_MODES = {"tree": 0, "bucket": 1, "bucket-mid": 2, "bucket-smem": 3}
 _table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+_bucket_cache: dict[tuple, _BucketTables | None] = {}
 
 
 def _check_block_size(block_size: int | None) -> None:
@@ -151,6 +170,143 @@ def _tables(
     return out
 
 
+# ----------------------------------------------------------------------------- bucket tables
+#: buckets per sign at most: one-read records (mode 1, 12 bytes a bucket) / uint8 tables
+_MAX_BUCKETS = {1: 2048, 2: 16384}
+#: midpoints one bucket may hold at most (mode 2); a codebook that needs more uses the tree
+_MAX_REFINE = 4
+
+
+@dataclass(frozen=True)
+class _Bucketing:
+    """Layout of a bucket table (see ``triton_kernels._bucket_index``): magnitudes from
+    ``2**-elow`` to ``2**etop`` in ``2**mlow`` buckets per binade (smaller magnitudes in the
+    first bucket, larger in the last), ``nmag`` buckets per sign."""
+
+    mlow: int
+    elow: int
+    etop: int
+
+    @property
+    def nmag(self) -> int:
+        return (self.elow + self.etop) << self.mlow
+
+
+@dataclass(frozen=True)
+class _BucketTables:
+    layout: _Bucketing
+    mode: int  # 1: one-read records (one midpoint per bucket); 2, 3: lo table + midpoint reads
+    refine: int  # midpoints a bucket may hold: reads of the midpoint table (mode 2)
+    fake: torch.Tensor  # mode 1: int64 ``bits(cb[lo]) << 32 | bits(mid)``; mode 2: uint8 lo
+    hi: torch.Tensor  # mode 1: fp32 ``cb[lo + 1]`` (mode 2: unused)
+    pack: torch.Tensor  # mode 1: int64 ``lo << 32 | bits(mid)``; mode 2: uint8 lo
+    mids: torch.Tensor  # fp32 sorted midpoints, then +inf (at least ``refine``; mode 3: ntab)
+    cb: torch.Tensor | None = None  # mode 3: the codebook padded to ntab entries
+    ntab: int = 1  # mode 3: entries of the midpoint and codebook tables (a power of two)
+
+
+def _bucket_index(x: np.ndarray, lay: _Bucketing) -> np.ndarray:
+    """Table index of fp32 values: ``triton_kernels._bucket_index`` in numpy."""
+    xb = np.ascontiguousarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+    i = np.maximum((xb & 0x7FFFFFFF) - ((127 - lay.elow) << 23), 0) >> (23 - lay.mlow)
+    i = np.minimum(i, lay.nmag - 1)
+    return np.where(xb < 0, lay.nmag - 1 - i, lay.nmag + i)
+
+
+def _bucket_lows(mids: np.ndarray, lay: _Bucketing) -> np.ndarray:
+    """For every table entry, the number of midpoints below the smallest value of its bucket."""
+    i = np.arange(lay.nmag, dtype=np.int64)
+    start = ((127 - lay.elow) << 23) + (i << (23 - lay.mlow))
+    end = np.append(start[1:] - 1, 0x7F7FFFFF)  # largest magnitude of each bucket
+    pos_min = start.astype(np.int32).view(np.float32).astype(np.float64)
+    pos_min[0] = 0.0  # the first positive bucket starts at +0 (-0 is in the negative one)
+    neg_min = -end.astype(np.int32).view(np.float32).astype(np.float64)
+    bounds = np.concatenate([neg_min[::-1], pos_min])
+    return np.searchsorted(mids.astype(np.float64), bounds, side="left")
+
+
+def _choose_layout(mids: np.ndarray, refine: int, max_buckets: int) -> _Bucketing | None:
+    """The layout with the fewest buckets in which no bucket holds more than ``refine``
+    midpoints (counted by where the kernel's index puts each midpoint)."""
+    mags = np.abs(mids.astype(np.float64))
+    nonzero = mags[mags > 0]
+    if nonzero.size == 0:
+        elow, etop = 0, 1
+    else:
+        elow = math.ceil(-math.log2(nonzero.min()))
+        etop = max(1, math.floor(math.log2(nonzero.max())) + 1)
+    if elow >= 126 or etop >= 127:
+        return None
+    for mlow in range(0, 15):
+        lay = _Bucketing(mlow, elow, etop)
+        if lay.nmag > max_buckets:
+            return None
+        idx = _bucket_index(mids, lay)
+        if mids.size == 0 or int(np.bincount(idx).max()) <= refine:
+            return lay
+    return None
+
+
+def _bucket_tables(cb: torch.Tensor, device: torch.device, mode: int) -> _BucketTables | None:
+    """Bucket tables of a (validated, fp32, CPU) codebook, cached per value, device and mode.
+
+    Mode 1 needs a layout of at most ``_MAX_BUCKETS[1]`` buckets per sign, each with at most
+    one midpoint; without one (a codebook with a few midpoints much closer together than the
+    rest) it becomes mode 2 with the fewest midpoint reads, up to ``_MAX_REFINE``, that a
+    layout allows (modes 2 and 3 take that many reads directly). Mode 3 also pads the
+    midpoints and the codebook to one power-of-two size for the shared-memory copies. None: no
+    layout fits, and the caller uses the tree.
+    """
+    key = (cb.numpy().tobytes(), str(device), mode)
+    if key in _bucket_cache:
+        return _bucket_cache[key]
+    c = cb.numpy().astype(np.float32)
+    mids = ((cb[:-1] + cb[1:]) / 2).numpy().astype(np.float32)
+    lay, refine = None, 1
+    if mode == 1:
+        lay = _choose_layout(mids, 1, _MAX_BUCKETS[1])
+    if lay is None:
+        mode = 3 if mode == 3 else 2
+        for refine in range(1, _MAX_REFINE + 1):
+            lay = _choose_layout(mids, refine, _MAX_BUCKETS[2])
+            if lay is not None:
+                break
+    out = None
+    if lay is not None:
+        lows = _bucket_lows(mids, lay)
+        ntab = _pow2(max(c.size, mids.size + refine)) if mode == 3 else 1
+        npad = max(refine, ntab - mids.size)
+        mids_pad = np.append(mids, np.full(npad, np.inf, dtype=np.float32)).astype(np.float32)
+        cbpad = None
+        if mode == 3:
+            cbpad = torch.from_numpy(np.append(c, np.full(ntab - c.size, c[-1], np.float32)))
+
+        def bits(v: np.ndarray) -> np.ndarray:
+            return v.astype(np.float32).view(np.uint32).astype(np.int64)
+
+        if mode == 1:
+            mid_bits = bits(mids_pad[lows])
+            fake = (bits(c[lows]) << 32) | mid_bits
+            hi = c[np.minimum(lows + 1, c.size - 1)]
+            pack = (lows.astype(np.int64) << 32) | mid_bits
+        else:
+            fake = pack = lows.astype(np.uint8)
+            hi = np.zeros(1, dtype=np.float32)
+        out = _BucketTables(
+            lay, mode, refine,
+            torch.from_numpy(fake).to(device),
+            torch.from_numpy(np.ascontiguousarray(hi, dtype=np.float32)).to(device),
+            torch.from_numpy(pack).to(device),
+            torch.from_numpy(mids_pad).to(device),
+            None if cbpad is None else cbpad.to(device),
+            ntab,
+        )  # fmt: skip
+    if len(_bucket_cache) > 256:
+        _bucket_cache.clear()
+    _bucket_cache[key] = out
+    return out
+
+
 def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -191,6 +347,38 @@ def _warps(values: int, per_thread: int) -> int:
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _resolve_search(cb: torch.Tensor, cfg: KernelConfig, pack: bool) -> str:
+    """The search ``cfg.search`` names; ``auto``: see ``KernelConfig``."""
+    if cfg.search not in (*_SEARCH_MODES, "auto"):
+        allowed = ", ".join([*_SEARCH_MODES, "auto"])
+        raise ValueError(f"search={cfg.search!r}: allowed are {allowed}")
+    if cfg.search != "auto":
+        return cfg.search
+    if cb.numel() <= max(1, cfg.bucket_min_entries):
+        return "tree"
+    return "bucket" if pack else "bucket-smem"
+
+
+def _search_args(cb: torch.Tensor, device: torch.device, cfg: KernelConfig, pack: bool) -> dict:
+    """Tables and constexprs of the configured search (pointer arguments unused by a search
+    get any tensor)."""
+    name = _resolve_search(cb, cfg, pack)
+    mode = _SEARCH_MODES[name]
+    bt = None
+    if mode:
+        bt = _bucket_tables(cb.detach().to("cpu", torch.float32).contiguous(), device, mode)
+    if bt is None:
+        dummy = torch.zeros(1, dtype=torch.float32, device=device)
+        kw = dict(SEARCH=0, BREF=1, BMLOW=0, BELOW=0, BNMAG=1, NTAB=1)
+        return dict(fake=dummy, hi=dummy, pack=dummy, mids=dummy, cb=None, kw=kw)
+    lay = bt.layout
+    kw = dict(
+        SEARCH=bt.mode, BREF=bt.refine, BMLOW=lay.mlow, BELOW=lay.elow, BNMAG=lay.nmag,
+        NTAB=bt.ntab,
+    )  # fmt: skip
+    return dict(fake=bt.fake, hi=bt.hi, pack=bt.pack, mids=bt.mids, cb=bt.cb, kw=kw)
+
+
 def _run(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -205,6 +393,11 @@ def _run(
     sdt = _check_scale_dtype(scale_dtype)
     step = max(1, min(cfg.search_step, 4))
     tree, rec, cb, logp = _tables(codebook, bits, x.device, step)
+    sa = _search_args(codebook, x.device, cfg, pack)
+    skw = sa["kw"]
+    if sa["cb"] is not None:
+        cb = sa["cb"]
+    fast_div = cfg.fast_div and x.is_cuda and x.dtype == torch.float16 and sdt == tk.SCALE_FP16
     x = x.contiguous().view(-1)
     n = x.numel()
     block = block_size if block_size is not None else max(n, 1)
@@ -226,9 +419,9 @@ def _run(
         grid = (-(-nblocks // rows),)
         if not pack:
             tk.fused_fake_kernel[grid](
-                x, out, tree, rec, cb, n,
-                B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step,
-                SCALE_DT=sdt,
+                x, out, tree, rec, sa["fake"], sa["hi"], sa["mids"], cb, n,
+                B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step, **skw,
+                SCALE_DT=sdt, FASTDIV=fast_div,
                 MASKED=masked, num_warps=_warps(rows * bp, cfg.per_thread),
             )  # fmt: skip
             return out, None
@@ -236,9 +429,9 @@ def _run(
         words = k in _WORD_DTYPES
         dst = buf.view(_WORD_DTYPES[k]) if words else buf
         tk.fused_pack_kernel[grid](
-            x, dst, scales, tree, rec, n, nblocks, nbytes,
-            B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step,
-            SCALE_DT=sdt,
+            x, dst, scales, tree, rec, sa["pack"], sa["mids"], n, nblocks, nbytes,
+            B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step, **skw,
+            SCALE_DT=sdt, FASTDIV=fast_div,
             K=k, KP=kp, WORDS=words, MASKED=masked,
             num_warps=_warps(rows * bp, cfg.pack_per_thread),
         )  # fmt: skip
@@ -247,9 +440,10 @@ def _run(
     groups = cfg.flat_groups
     grid = (-(-n // (8 * groups)),)
     tk.flat_kernel[grid](
-        x, out, scales.float(), tree, rec, cb, n, block, nbytes,
+        x, out, scales.float(), tree, rec, sa["pack"] if pack else sa["fake"], sa["hi"],
+        sa["mids"], cb, n, block, nbytes,
         G=groups, BLOG=_block_shift(block, nblocks), LOGP=logp, REG_LEVELS=reg_levels,
-        STEP=step,
+        STEP=step, **skw,
         PACK=pack, K=k, KP=kp, num_warps=_warps(8 * groups, cfg.per_thread),
     )  # fmt: skip
     return out, scales if pack else None

@@ -6,10 +6,15 @@ for bit:
 
 * the block's absmax is rounded to the scale dtype (round-to-nearest-even after clamping to the
   largest finite value) and used as fp32 ``s``;
-* ``xn = x / s`` uses IEEE round-to-nearest division (``div_rn``): Triton's plain fp32 ``/``
-  lowers to an approximate division that can move a value across a midpoint;
+* ``xn = x / s`` is the IEEE round-to-nearest quotient: ``div_rn`` (Triton's plain fp32 ``/``
+  lowers to an approximate division that can move a value across a midpoint), or, for fp16
+  inputs with fp16 scales (``FASTDIV``), the same Newton/FMA sequence as the hardware's
+  division fast path with the reciprocal computed once per block, checked against ``div_rn``
+  on every fp16 value with every fp16 scale (``tests/test_kernels.py``);
 * the code is the number of codebook midpoints strictly below ``xn`` (ties go to the lower
-  code), found by a branchless descent of the midpoints stored as a breadth-first search tree;
+  code), found either by a branchless descent of the midpoints stored as a breadth-first search
+  tree (``SEARCH=0``) or through a bucket table indexed by the bit pattern of ``xn``
+  (``SEARCH=1, 2, 3``, see ``_bucket_index`` and ``_codes``);
 * dequantization is ``codebook[code] * s`` in fp32, cast to the output dtype;
 * packing is an LSB-first bitstream: code ``i`` occupies bits ``[i*k, (i+1)*k)``, so every group
   of 8 codes is exactly ``k`` bytes.
@@ -73,6 +78,32 @@ def _normalize(x, s):
 
 
 @triton.jit
+def _recip(s):
+    """Reciprocal of the block scales for ``_fast_div``: approximate, then one Newton step."""
+    r0 = 1.0 / s
+    return tl.fma(tl.fma(-s, r0, 1.0), r0, r0)
+
+
+@triton.jit
+def _fast_div(x, s, r):
+    """x / s from r = _recip(s): q = x*r, then one FMA correction. Correctly rounded on the
+    domain where it is used (fp16 x, fp16 s: checked exhaustively); 0 where s == 0."""
+    q = x * r
+    q = tl.fma(tl.fma(-s, q, x), r, q)
+    return tl.where(s == 0.0, 0.0, q)
+
+
+@triton.jit
+def _scaled(x, s, FASTDIV: tl.constexpr):
+    """x / s (s broadcast from fewer dims, same rank), by ``_fast_div`` or ``_normalize``."""
+    if FASTDIV:  # noqa: SIM108 (constexpr branch, resolved when compiling)
+        xn = _fast_div(x, s, _recip(s))
+    else:
+        xn = _normalize(x, s)
+    return xn
+
+
+@triton.jit
 def _search(
     xn,
     tab_ptr,
@@ -122,6 +153,131 @@ def _search(
 
 
 @triton.jit
+def _bucket_index(xn, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr):
+    """Index of ``xn``'s bucket in a bucket table (``blockwise._Bucketing``; integer ops only).
+
+    Magnitudes are cut into 2**BMLOW buckets per binade (the exponent and top BMLOW mantissa
+    bits of ``|xn|``), from 2**-BELOW (smaller magnitudes join the first bucket: no midpoint
+    but 0 lies there) up to BNMAG buckets (larger ones join the last). The table holds the
+    negative buckets mirrored, then the positive ones, so it is sorted by value: bucket i of
+    the sign of ``xn`` sits at ``BNMAG + i`` (positive) or ``BNMAG - 1 - i`` (negative).
+    """
+    xb = xn.to(tl.int32, bitcast=True)
+    i = tl.maximum((xb & 0x7FFFFFFF) - ((127 - BELOW) << 23), 0) >> (23 - BMLOW)
+    i = tl.minimum(i, BNMAG - 1)
+    return (i ^ (xb >> 31)) + BNMAG
+
+
+@triton.jit
+def _codes(
+    xn,
+    tab_ptr,
+    rec_ptr,
+    btab_ptr,
+    mid_ptr,
+    LOGP: tl.constexpr,
+    REG_LEVELS: tl.constexpr,
+    STEP: tl.constexpr,
+    AXIS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    BREF: tl.constexpr,
+    BMLOW: tl.constexpr,
+    BELOW: tl.constexpr,
+    BNMAG: tl.constexpr,
+    NTAB: tl.constexpr,
+):
+    """Codes of normalized values.
+
+    SEARCH=0: the search tree. SEARCH=1 (every bucket holds at most one midpoint): one int64
+    record per bucket, the bucket's midpoint (fp32 bits, +inf if none) in the low word and its
+    first code ``lo`` (the number of midpoints below the bucket) in the high word; the code is
+    ``lo + (xn > mid)``. SEARCH=2 (buckets of at most BREF midpoints): a uint8 ``lo`` per bucket,
+    then BREF reads of the sorted midpoints from ``lo`` on (the table ends with BREF +inf).
+    SEARCH=3: as 2, the midpoints read from a copy in shared memory (``_smem_codes``).
+    """
+    if SEARCH == 0:
+        code = _search(xn, tab_ptr, rec_ptr, LOGP, REG_LEVELS, STEP, AXIS)
+    elif SEARCH == 1:
+        rec = tl.load(btab_ptr + _bucket_index(xn, BMLOW, BELOW, BNMAG))
+        mid = rec.to(tl.int32).to(tl.float32, bitcast=True)
+        code = (rec >> 32).to(tl.int32) + (xn > mid).to(tl.int32)
+    elif SEARCH == 2:
+        lo = tl.load(btab_ptr + _bucket_index(xn, BMLOW, BELOW, BNMAG)).to(tl.int32)
+        code = lo
+        for t in tl.static_range(BREF):
+            code += (xn > tl.load(mid_ptr + lo + t)).to(tl.int32)
+    else:
+        code = _smem_codes(xn, btab_ptr, mid_ptr, BREF, BMLOW, BELOW, BNMAG, NTAB)
+    return code
+
+
+@triton.jit
+def _smem_gather(tab, idx):
+    """``tab[idx]`` through ``tl.gather`` (a copy of ``tab`` in shared memory): ``idx`` is
+    flattened to 1-D and the result given ``idx``'s shape; for the row-major tiles here both
+    reshapes keep every element in its thread, so no layout conversion is needed."""
+    return tl.reshape(tl.gather(tab, tl.reshape(idx, [idx.numel]), 0), idx.shape)
+
+
+@triton.jit
+def _smem_codes(xn, btab_ptr, mid_ptr, BREF: tl.constexpr, BMLOW: tl.constexpr,
+                BELOW: tl.constexpr, BNMAG: tl.constexpr, NTAB: tl.constexpr):  # fmt: skip
+    """SEARCH=3: the uint8 bucket table from global memory, the midpoints (NTAB entries,
+    padded with +inf) from shared memory."""
+    lo = tl.load(btab_ptr + _bucket_index(xn, BMLOW, BELOW, BNMAG)).to(tl.int32)
+    mids = tl.load(mid_ptr + tl.arange(0, NTAB))
+    code = lo
+    for t in tl.static_range(BREF):
+        code += (xn > _smem_gather(mids, lo + t)).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _levels(
+    xn,
+    tab_ptr,
+    rec_ptr,
+    btab_ptr,
+    bhi_ptr,
+    mid_ptr,
+    cb_ptr,
+    LOGP: tl.constexpr,
+    REG_LEVELS: tl.constexpr,
+    STEP: tl.constexpr,
+    AXIS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    BREF: tl.constexpr,
+    BMLOW: tl.constexpr,
+    BELOW: tl.constexpr,
+    BNMAG: tl.constexpr,
+    NTAB: tl.constexpr,
+):
+    """Codebook values ``cb[code]`` of normalized values (fake quantization).
+
+    SEARCH=1 reads them from the bucket without forming the code: the int64 record holds the
+    midpoint (low word) and ``cb[lo]`` (high word, fp32 bits), ``bhi`` holds ``cb[lo + 1]``;
+    the two reads are independent. Otherwise ``cb[_codes(...)]``.
+    """
+    if SEARCH == 1:
+        idx = _bucket_index(xn, BMLOW, BELOW, BNMAG)
+        rec = tl.load(btab_ptr + idx)
+        hi = tl.load(bhi_ptr + idx)
+        mid = rec.to(tl.int32).to(tl.float32, bitcast=True)
+        lo = (rec >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        v = tl.where(xn > mid, hi, lo)
+    elif SEARCH == 3:
+        code = _smem_codes(xn, btab_ptr, mid_ptr, BREF, BMLOW, BELOW, BNMAG, NTAB)
+        v = _smem_gather(tl.load(cb_ptr + tl.arange(0, NTAB)), code)
+    else:
+        code = _codes(
+            xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, AXIS,
+            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        )  # fmt: skip
+        v = tl.load(cb_ptr + code)
+    return v
+
+
+@triton.jit
 def _pack_groups(code, K: tl.constexpr, AXIS: tl.constexpr):
     """Integer codes with a last axis of 8 (index AXIS) -> int64 words, code j at bits
     [j*K, (j+1)*K). The bit fields are disjoint, so the sum is the bitwise or."""
@@ -135,6 +291,9 @@ def fused_fake_kernel(
     out_ptr,
     tab_ptr,
     rec_ptr,
+    btab_ptr,
+    bhi_ptr,
+    mid_ptr,
     cb_ptr,
     n,
     B: tl.constexpr,
@@ -143,7 +302,14 @@ def fused_fake_kernel(
     LOGP: tl.constexpr,
     REG_LEVELS: tl.constexpr,
     STEP: tl.constexpr,
+    SEARCH: tl.constexpr,
+    BREF: tl.constexpr,
+    BMLOW: tl.constexpr,
+    BELOW: tl.constexpr,
+    BNMAG: tl.constexpr,
+    NTAB: tl.constexpr,
     SCALE_DT: tl.constexpr,
+    FASTDIV: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """Fake quantization, one program = ROWS whole blocks of B values (padded to BP columns)."""
@@ -157,8 +323,12 @@ def fused_fake_kernel(
     else:
         x = tl.load(x_ptr + offs).to(tl.float32)
     s = _round_scale(tl.max(tl.abs(x), axis=1), SCALE_DT)
-    code = _search(_normalize(x, s[:, None]), tab_ptr, rec_ptr, LOGP, REG_LEVELS, STEP, 2)
-    y = _to_out(tl.load(cb_ptr + code) * s[:, None], out_ptr.dtype.element_ty)
+    xn = _scaled(x, s[:, None], FASTDIV)
+    v = _levels(
+        xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, LOGP, REG_LEVELS, STEP, 2,
+        SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+    )  # fmt: skip
+    y = _to_out(v * s[:, None], out_ptr.dtype.element_ty)
     if MASKED:
         tl.store(out_ptr + offs, y, mask=mask)
     else:
@@ -172,6 +342,8 @@ def fused_pack_kernel(
     scale_ptr,
     tab_ptr,
     rec_ptr,
+    btab_ptr,
+    mid_ptr,
     n,
     nblocks,
     nbytes,
@@ -181,7 +353,14 @@ def fused_pack_kernel(
     LOGP: tl.constexpr,
     REG_LEVELS: tl.constexpr,
     STEP: tl.constexpr,
+    SEARCH: tl.constexpr,
+    BREF: tl.constexpr,
+    BMLOW: tl.constexpr,
+    BELOW: tl.constexpr,
+    BNMAG: tl.constexpr,
+    NTAB: tl.constexpr,
     SCALE_DT: tl.constexpr,
+    FASTDIV: tl.constexpr,
     K: tl.constexpr,
     KP: tl.constexpr,
     WORDS: tl.constexpr,
@@ -204,7 +383,11 @@ def fused_pack_kernel(
     else:
         x = tl.load(x_ptr + offs).to(tl.float32)
     s = _round_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=1), SCALE_DT)
-    code = _search(_normalize(x, s[:, None, None]), tab_ptr, rec_ptr, LOGP, REG_LEVELS, STEP, 3)
+    xn = _scaled(x, s[:, None, None], FASTDIV)
+    code = _codes(
+        xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, 3,
+        SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+    )  # fmt: skip
     if MASKED:
         code = tl.where(mask, code, 0)
         tl.store(scale_ptr + rows, s.to(scale_ptr.dtype.element_ty), mask=rows < nblocks)
@@ -252,6 +435,9 @@ def flat_kernel(
     s_ptr,
     tab_ptr,
     rec_ptr,
+    btab_ptr,
+    bhi_ptr,
+    mid_ptr,
     cb_ptr,
     n,
     block,
@@ -261,6 +447,12 @@ def flat_kernel(
     LOGP: tl.constexpr,
     REG_LEVELS: tl.constexpr,
     STEP: tl.constexpr,
+    SEARCH: tl.constexpr,
+    BREF: tl.constexpr,
+    BMLOW: tl.constexpr,
+    BELOW: tl.constexpr,
+    BNMAG: tl.constexpr,
+    NTAB: tl.constexpr,
     PACK: tl.constexpr,
     K: tl.constexpr,
     KP: tl.constexpr,
@@ -274,11 +466,18 @@ def flat_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + _block_index(offs, block, BLOG), mask=mask, other=0.0)
     xn = _normalize(x, s)
-    code = _search(xn, tab_ptr, rec_ptr, LOGP, REG_LEVELS, STEP, 2)
     if not PACK:
-        y = _to_out(tl.load(cb_ptr + code) * s, out_ptr.dtype.element_ty)
+        v = _levels(
+            xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, LOGP, REG_LEVELS, STEP, 2,
+            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        )  # fmt: skip
+        y = _to_out(v * s, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, y, mask=mask)
     else:
+        code = _codes(
+            xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, 2,
+            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        )  # fmt: skip
         words = _pack_groups(tl.where(mask, code, 0), K, 1)
         b = tl.arange(0, KP)
         byte = ((words[:, None] >> (b * 8).to(tl.int64)[None, :]) & 255).to(tl.uint8)

@@ -58,7 +58,8 @@ def quantized_output(path):
 
 
 def eval_settings():
-    return {k: STUDY.config["eval"][k] for k in ("dtype", "device", "limit")}
+    keys = ("dtype", "device", "limit", "task_limits")
+    return {k: STUDY.config["eval"][k] for k in keys}
 
 
 def batch_size_input(wildcards):

@@ -77,6 +77,7 @@ rule evaluate_batched:
     params:
         quants=QUANTS,
         tasks=TASKS,
+        cache=lambda wildcards: f"{R}/cache/evals/{wildcards.model}",
         model_meta=lambda wildcards: STUDY.model_meta(wildcards.model),
         eval=eval_settings(),
         quantize=STUDY.config["quantize"],

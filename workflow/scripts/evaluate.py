@@ -1,7 +1,7 @@
 """One evaluation job: one (model, quant, task) -> one Parquet file, one row per document."""
 
 from kbit.evaluation.batching import read_batch_size
-from kbit.evaluation.runner import evaluate_one, load_prepared_tasks, quant_options
+from kbit.evaluation.runner import evaluate_one, load_prepared_tasks, quant_options, task_limits
 from kbit.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
@@ -17,7 +17,7 @@ df = evaluate_one(
     dtype=settings.get("dtype", "auto"),
     device=settings.get("device", "auto"),
     batch_size=read_batch_size(snakemake.input.batch_size),
-    limit=settings.get("limit"),
+    limit=task_limits(settings, [task])[task],
     quant_kwargs=quant_options(snakemake.params.get("quantize")),
 )
 log.info("%s: %d documents written to %s", task, len(df), snakemake.output[0])
