@@ -5,8 +5,9 @@ One run measures, on one 2^28-element fp16 tensor of randn:
 * the anchor: a device-to-device copy (bytes read + written / time), the practical ceiling for
   any one-pass elementwise kernel;
 * ``fake_quantize_blockwise`` (read fp16, write fp16) for int/float/nf/dynamic at k = 3, 4, 8
-  and B = 32..4096, as GB/s and as % of the copy bandwidth, with each code search (the
-  midpoint tree, 4-byte bucket records, 1-byte bucket table + midpoint read); the default
+  and B = 32..4096, as GB/s and as % of the copy bandwidth, with each code search
+  (``KernelConfig.search``: the midpoint tree, one-read bucket records, a 1-byte bucket table
+  + midpoint and codebook reads, the same with the tables in shared memory); the default
   configuration (``search="auto"``) picks one of them per codebook;
 * 4-bit quantize-to-packed and dequantize against bitsandbytes ``quantize_4bit`` /
   ``dequantize_4bit`` (fp4, nf4), and 8-bit against bitsandbytes ``quantize_blockwise`` /
@@ -17,6 +18,7 @@ bytes each implementation must move (its input once, its outputs once, scales in
 numbers of different implementations are comparable as speed, and speedups are time ratios.
 
 Usage: python benchmarks/bench_quant.py --out DIR [--numel N] [--sweep]
+       [--bits 3,4,8] [--searches tree,bucket,...] [--no-bnb]
 """
 
 from __future__ import annotations
@@ -233,6 +235,8 @@ def markdown(res: dict) -> str:
     lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, medians)", ""]
     lines.append(f"Copy (read + write): {res['copy_gbs']:.0f} GB/s")
     lines.append("")
+    if res.get("note"):
+        lines += [f"Note: {res['note']}", ""]
     by = {(r["dtype"], r["bits"], r["search"], r["block"]): r for r in res["fake_quantize"]}
     head = " | ".join(f"B={b}" for b in FQ_BLOCKS)
     lines.append("fake_quantize_blockwise with the default configuration, GB/s (% of copy):")
@@ -274,6 +278,13 @@ def markdown(res: dict) -> str:
             ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
             pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
             lines.append(f"| {r['kernel']} | {r['case']} | {var} | {ms} | {pct} |")
+    check = res.get("bucket_mid_tile_check")
+    if check:
+        lines += ["", f"bucket-mid launch variants, % of copy ({check['note']}):", ""]
+        lines.append("| case | " + " | ".join(check["variants"]) + " |")
+        lines.append("|---|" + "---|" * len(check["variants"]))
+        for case, pcts in check["pct_copy"].items():
+            lines.append(f"| {case} | " + " | ".join(f"{p:.1f}%" for p in pcts) + " |")
     lines.append("")
     lines.append("Quantize / dequantize vs bitsandbytes, ms (speedup = bnb time / kbit time):")
     lines.append("")

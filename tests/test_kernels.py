@@ -370,6 +370,26 @@ def test_bucket_layouts() -> None:
         assert torch.equal(kernels.fake_quantize_blockwise(x, deep, None, config=cfg), y_ref)
 
 
+@needs_triton
+def test_auto_search_choice() -> None:
+    """``search="auto"``: the tree up to 8 entries, one-read bucket records up to 16, the
+    1-byte bucket table above for fake quantization; bucket records for packing above 8."""
+    from kbit.kernels import blockwise as bw
+
+    cfg = bw.DEFAULT_CONFIG
+    for k, fake, packed in (
+        (3, "tree", "tree"),
+        (4, "bucket", "bucket"),
+        (8, "bucket-mid", "bucket"),
+    ):
+        for name in ("int", "nf", "dynamic"):
+            cb = codebook(name, k)
+            assert bw._resolve_search(cb, cfg, pack=False) == fake, (name, k)
+            assert bw._resolve_search(cb, cfg, pack=True) == packed, (name, k)
+    with pytest.raises(ValueError, match="search="):
+        bw._resolve_search(codebook("nf", 4), bw.KernelConfig(search="binary"), pack=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and triton")
 def test_fast_division_is_exact_on_fp16() -> None:

@@ -35,23 +35,26 @@ class KernelConfig:
 
     ``tile`` / ``pack_tile``: values per program in the fused fake-quantize / pack kernels
     (whole blocks; at least one block). ``per_thread`` / ``pack_per_thread``: values per
-    thread, which sets the warps per program. ``search``: how a normalized value finds its
-    code: ``"tree"`` (descent of the midpoint search tree, one table read per level),
-    ``"bucket"`` (one read of a bucket record indexed by the value's bit pattern; for fake
-    quantization a second, independent read, and no codebook read), ``"bucket-mid"`` (a 1-byte
-    bucket table, then a midpoint read and a codebook read), ``"bucket-smem"`` (the same, with
-    the midpoints and the codebook read from a copy in shared memory) or ``"auto"``: the tree
-    for codebooks of at most ``bucket_min_entries`` entries; above, ``bucket-smem`` for fake
-    quantization and ``bucket`` for packing (the fastest on an H100, see
-    benchmarks/kernels_notes.md). A codebook without a bucket layout of one midpoint per
-    bucket reads several midpoints (``bucket`` becomes ``bucket-mid``), and one without any
-    layout uses the tree. ``fast_div``: for fp16 inputs
-    with fp16 scales, divide by the block scale with a reciprocal computed once per block and
-    one FMA correction (correctly rounded there, checked exhaustively) instead of ``div_rn``.
-    ``reg_levels``: search-tree levels resolved by selects instead of table gathers;
-    ``search_step``: tree levels resolved per vector load after those (1 = one gather per
-    level). ``flat_groups`` / ``dequant_groups``: groups of 8 values per program in the
-    two-pass and dequantize kernels.
+    thread, which sets the warps per program.
+
+    ``search``: how a normalized value finds its code. ``"tree"``: descent of the midpoint
+    search tree, one table read per level. ``"bucket"``: one read of a record of the bucket
+    that the value's bit pattern selects (for fake quantization a second, independent read and
+    no codebook read). ``"bucket-mid"``: a 1-byte table of the bucket's first code, then a
+    midpoint read and a codebook read. ``"bucket-smem"``: as ``bucket-mid``, the midpoints and
+    the codebook read from a copy in shared memory. ``"auto"``: the tree for codebooks of at
+    most ``bucket_min_entries`` entries; above, ``bucket`` for packing and, for fake
+    quantization, ``bucket`` up to ``record_max_entries`` entries and ``bucket-mid`` beyond
+    (the fastest of each on an H100; benchmarks/kernels_notes.md). A codebook without a bucket
+    layout of one midpoint per bucket reads several midpoints (``bucket`` becomes
+    ``bucket-mid``); one without any layout uses the tree.
+
+    ``fast_div``: for fp16 inputs with fp16 scales, divide by the block scale with a reciprocal
+    computed once per block and one FMA correction (correctly rounded there: checked on every
+    fp16 value and scale) instead of ``div_rn``. ``reg_levels``: search-tree levels resolved by
+    selects instead of table gathers; ``search_step``: tree levels resolved per vector load
+    after those (1 = one gather per level). ``flat_groups`` / ``dequant_groups``: groups of 8
+    values per program in the two-pass and dequantize kernels.
     """
 
     tile: int = 2048
@@ -60,6 +63,7 @@ class KernelConfig:
     pack_per_thread: int = 32
     search: str = "auto"
     bucket_min_entries: int = 8
+    record_max_entries: int = 16
     fast_div: bool = True
     reg_levels: int = 2
     search_step: int = 1
@@ -356,7 +360,9 @@ def _resolve_search(cb: torch.Tensor, cfg: KernelConfig, pack: bool) -> str:
         return cfg.search
     if cb.numel() <= max(1, cfg.bucket_min_entries):
         return "tree"
-    return "bucket" if pack else "bucket-smem"
+    if pack or cb.numel() <= cfg.record_max_entries:
+        return "bucket"
+    return "bucket-mid"
 
 
 def _search_args(cb: torch.Tensor, device: torch.device, cfg: KernelConfig, pack: bool) -> dict:
