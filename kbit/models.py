@@ -107,7 +107,7 @@ def _hub_pickle_files(hf_id: str, revision: str) -> list[str]:
     return [f for f in files if f.endswith(PICKLE_SUFFIXES)]
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float16") -> Path:
+def convert_gguf(gguf_file: str | Path, out_dir: Path, dtype: str = "float16") -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors model directory.
 
     transformers reads GGUF through the ``gguf`` package; the result is stored at ``dtype`` so

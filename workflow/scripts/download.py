@@ -13,7 +13,7 @@ if "hf_id" in entry:
     download_hub_model(entry["hf_id"], entry["revision"], out)
 elif "gguf" in entry:
     log.info("converting GGUF %s", entry["gguf"])
-    convert_gguf(Path(entry["gguf"]), out)
+    convert_gguf(entry["gguf"], out)  # a path or pkg://<package>/<file>
 else:
     tiny = dict(entry["tiny"])
     log.info("building tiny %s model", tiny["arch"])
