@@ -27,7 +27,7 @@ run: $(VENV)/.installed
 	$(SNAKEMAKE) --profile profiles/default
 
 test: $(VENV)/.installed
-	KBIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest $(PYTEST_ARGS)
+	KBIT_SHARED_DATA=$(abspath $(SHARED_DATA)) $(PY) -m pytest $(PYTEST_ARGS)
 
 smoke: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(SNAKEMAKE) --profile profiles/default --configfile config/smoke.yaml \

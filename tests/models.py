@@ -52,7 +52,8 @@ def shared_data_dir() -> Path:
     """The shared evaluation data folder (``KBIT_SHARED_DATA`` overrides the default)."""
     env = os.environ.get("KBIT_SHARED_DATA")
     if env:
-        return Path(env)
+        # absolute, so that subprocesses started in other folders (snakemake, lm-eval) find it
+        return Path(env).resolve()
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

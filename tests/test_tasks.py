@@ -18,6 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from models import shared_data_dir
+
 from kbit.evaluation import convert
 from kbit.evaluation.tasks import (
     STANDARD_TASKS,
@@ -33,11 +35,7 @@ from kbit.evaluation.tasks import (
     template_dir,
 )
 
-SHARED = Path(
-    os.environ.get(
-        "KBIT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    )
-)
+SHARED = shared_data_dir()
 REAL_EVAL = SHARED / "eval"
 SAMPLE_EVAL = Path(__file__).resolve().parent / "data" / "eval"
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
