@@ -8,16 +8,24 @@ For each Pythia-shaped model (random weights, the GPT-NeoX tokenizer, the real t
   per spec is its wall time divided by the number of specs (start-up, load, quantization,
   request building and tokenization amortised);
 * the FLOP limit: ``2 * P_matmul * T / peak`` with T the tokens fed through the model and the peak
-  measured in the same run with an 8192^3 fp16 torch.matmul.
+  measured in the same run with an 8192^3 fp16 torch.matmul;
+* the batch size: ``--batch-size auto`` (default) runs the workflow's search
+  (``choose_batch_size``, the largest batch lm-eval's own HFLM fits) once per model in a separate
+  process, and both sides use that number.
 
 Both processes are timed from outside (wall clock of the subprocess). The fp16 results of the two
 paths are compared task by task (they evaluate the same documents; the CLI pools all tasks into
 shared batches, so last-bit differences between the two are possible on a GPU).
 
+Fidelity check (``--check``, default on): a third process evaluates the fp16 model in-process the
+way the CLI does (all tasks in one ``evaluate`` call, so the same batches) through the workflow's
+scoring (``ReusingHFLM``), exact and with ``positions_only``, and compares every document's
+log-likelihoods and greedy flags with the CLI's logged samples.
+
 Usage::
 
     python benchmarks/bench_eval.py --data DIR --out DIR [--models 160m,1.4b] [--limit N]
-        [--batch-size N] [--specs fp16,int4-b64,...]
+        [--batch-size auto|N] [--specs fp16,int4-b64,...] [--no-check]
 
 ``--data`` holds ``eval/`` (the original task files) and ``tokenizers/gpt-neox-20b/``.
 """
@@ -94,7 +102,10 @@ def peak_flops(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
     for _ in range(reps):
         torch.matmul(a, b)
     torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    rate = 2 * n**3 * reps / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()  # leave the memory to the timed processes
+    return rate
 
 
 def run_timed(cmd: list[str], log_file: Path, timeout: int, done: Path | None = None) -> float:
@@ -138,6 +149,89 @@ def batched_worker(args: argparse.Namespace) -> None:
     )
 
 
+def find_batch_worker(args: argparse.Namespace) -> None:
+    """The workflow's batch-size search (what workflow/scripts/batch_size.py runs)."""
+    from kbit.evaluation.runner import choose_batch_size
+    from kbit.logs import setup_logging
+
+    setup_logging(None)
+    info = choose_batch_size(args.model_dir, "auto", dtype="auto", device=args.device)
+    Path(args.out).write_text(json.dumps(info))
+
+
+def _cli_samples(cli_out: Path) -> dict[str, dict[int, tuple[list[float], list[bool]]]]:
+    """Per task, doc id -> (log-likelihoods, greedy flags) from the CLI's logged samples."""
+
+    def flag(x: object) -> bool:
+        return x is True or x == "True"
+
+    out = {}
+    for task in TASKS:
+        (f,) = cli_out.rglob(f"samples_{task}_*.jsonl")
+        docs = {}
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            resps = s["filtered_resps"]
+            if isinstance(resps[0], list):
+                docs[int(s["doc_id"])] = ([float(r[0]) for r in resps], [flag(r[1]) for r in resps])
+            else:
+                docs[int(s["doc_id"])] = ([float(resps[0])], [])
+        out[task] = docs
+    return out
+
+
+def compare_docs(frames: dict, cli: dict) -> dict:
+    """Max |ll difference|, documents with any ll difference, greedy-flag differences."""
+    max_abs, ll_docs, greedy, n_docs, n_ll = 0.0, 0, 0, 0, 0
+    per_task = {}
+    for task in TASKS:
+        df, ref = frames[task], cli[task]
+        t_max, t_docs = 0.0, 0
+        for row in df.itertuples():
+            lls, flags = ref[int(row.doc_id)]
+            mine = [float(x) for x in row.ll]
+            d = max(abs(a - b) for a, b in zip(mine, lls, strict=True))
+            t_max = max(t_max, d)
+            t_docs += mine != lls
+            greedy += [bool(x) for x in row.is_greedy] != flags
+            n_ll += len(lls)
+        n_docs += len(df)
+        ll_docs += t_docs
+        max_abs = max(max_abs, t_max)
+        per_task[task] = {"max_abs_ll_diff": t_max, "docs_ll_differ": t_docs}
+    return {
+        "docs": n_docs,
+        "loglikelihoods": n_ll,
+        "max_abs_ll_diff": max_abs,
+        "docs_ll_differ": ll_docs,
+        "docs_greedy_differ": greedy,
+        "per_task": per_task,
+    }
+
+
+def check_worker(args: argparse.Namespace) -> None:
+    """In-process fp16 evaluation, all tasks pooled like the CLI, exact and positions_only."""
+    from kbit.evaluation.runner import evaluate_tasks, load_model, load_prepared_tasks, make_lm
+    from kbit.logs import setup_logging
+
+    setup_logging(None)
+    cli = _cli_samples(Path(args.cli_out))
+    model, tok = load_model(args.model_dir, "auto", args.device)
+    report = {}
+    for mode, options in (("exact", {}), ("positions_only", {"positions_only": True})):
+        lm = make_lm(model, tok, args.batch_size, **options)
+        tasks = load_prepared_tasks(TASKS, args.tasks_dir)
+        t0 = time.perf_counter()
+        res = evaluate_tasks(lm, tasks, limit=args.limit, together=True)
+        wall = time.perf_counter() - t0
+        report[mode] = compare_docs({t: r.docs for t, r in res.items()}, cli) | {
+            "evaluate_s": wall,
+            "forward_s": next(iter(res.values())).forward_time_s,
+        }
+        del lm
+    Path(args.out).write_text(json.dumps(report))
+
+
 def cli_results(out: Path) -> dict[str, dict[str, float]]:
     (f,) = out.rglob("results_*.json")
     res = json.loads(f.read_text())["results"]
@@ -156,24 +250,58 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
                                       work / f"pythia-{size}")  # fmt: skip
     specs = args.specs.split(",")
     py = sys.executable
+    batch_size, bs_info = args.batch_size, None
+    if batch_size == "auto":
+        bs_file = work / f"batch-{size}.json"
+        bs_cmd = [py, __file__, "--worker", "find-batch", "--model-dir", str(model_dir),
+                  "--out", str(bs_file), "--device", args.device]  # fmt: skip
+        bs_s = run_timed(bs_cmd, work / f"batch-{size}.log", args.timeout)
+        bs_info = json.loads(bs_file.read_text()) | {"search_s": bs_s}
+        batch_size = str(bs_info["batch_size"])
     cli_out = work / f"cli-{size}"
     cli_cmd = [
         py, "-m", "lm_eval", "--model", "hf",
         "--model_args", f"pretrained={model_dir},dtype={args.dtype}", "--device", args.device,
         "--tasks", ",".join(TASKS), "--include_path", str(work / "tasks"),
-        "--batch_size", str(args.batch_size), "--log_samples", "--output_path", str(cli_out),
+        "--batch_size", batch_size, "--log_samples", "--output_path", str(cli_out),
     ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
     cli_wall = run_timed(cli_cmd, work / f"cli-{size}.log", args.timeout, done=cli_out)
     ours_out = work / f"ours-{size}"
     ours_cmd = [
-        py, __file__, "--worker", "--model-dir", str(model_dir),
+        py, __file__, "--worker", "batched", "--model-dir", str(model_dir),
         "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
-        "--batch-size", str(args.batch_size), "--device", args.device,
+        "--batch-size", batch_size, "--device", args.device,
     ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
     ours_wall = run_timed(ours_cmd, work / f"ours-{size}.log", args.timeout)
 
     frames = {(q, t): pd.read_parquet(ours_out / q / f"{t}.parquet") for q in specs for t in TASKS}
     fp = [frames[("fp16", t)] for t in TASKS]
+    spec_scoring = {
+        q: sum(float(frames[(q, t)]["wall_time_s"].iloc[0]) for t in TASKS) for q in specs
+    }
+    spec_forward = {
+        q: sum(float(frames[(q, t)]["forward_time_s"].iloc[0]) for t in TASKS) for q in specs
+    }
+    later = sorted(spec_scoring[q] for q in specs[1:]) or [spec_scoring[specs[0]]]
+    steady_s = later[len(later) // 2]
+    later_fwd = sorted(spec_forward[q] for q in specs[1:]) or [spec_forward[specs[0]]]
+    steady_fwd = later_fwd[len(later_fwd) // 2]
+    check = None
+    if args.check:
+        check_file = work / f"check-{size}.json"
+        check_cmd = [
+            py, __file__, "--worker", "check", "--model-dir", str(model_dir),
+            "--tasks-dir", str(work / "tasks"), "--cli-out", str(cli_out), "--out", str(check_file),
+            "--batch-size", batch_size, "--device", args.device,
+        ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
+        try:
+            run_timed(check_cmd, work / f"check-{size}.log", args.timeout)
+            check = json.loads(check_file.read_text())
+        except Exception as exc:  # the timing results stand without the check
+            check = {"error": str(exc)[-2000:]}
+        check["batched_fp16_vs_cli"] = compare_docs(
+            {t: f for t, f in zip(TASKS, fp, strict=True)}, _cli_samples(cli_out)
+        )
     flops = sum(float(f["flops"].iloc[0]) for f in fp)
     tokens = sum(int(f["task_n_tokens"].iloc[0]) for f in fp)
     score_s = sum(float(f["wall_time_s"].iloc[0]) for f in fp)
@@ -188,6 +316,8 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
     return {
         "model": f"pythia-{size} (random weights)",
         "n_params": n_params,
+        "batch_size": int(batch_size),
+        "batch_size_search": bs_info,
         "n_docs": {t: len(f) for t, f in zip(TASKS, fp, strict=True)},
         "tokens_scored": tokens,
         "flops_per_spec": flops,
@@ -202,31 +332,71 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         "peak_fraction_scoring": limit_s / score_s,
         "peak_fraction_forward": limit_s / forward_s if forward_s else None,
         "peak_fraction_per_spec": limit_s / per_spec,
+        "scoring_s_per_spec": spec_scoring,
+        "forward_s_per_spec": spec_forward,
+        "steady_scoring_s": steady_s,
+        "steady_forward_s": steady_fwd,
+        "peak_fraction_steady_scoring": limit_s / steady_s,
+        "peak_fraction_steady_forward": limit_s / steady_fwd if steady_fwd else None,
         "fp16_metrics_ours_vs_cli": agree,
+        "fidelity_vs_cli": check,
     }
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
 
 
 def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; peak fp16 matmul {report['peak_fp16_tflops']:.0f} TFLOP/s, "
         f"bf16 {report['peak_bf16_tflops']:.0f} TFLOP/s; at most {report['limit']} documents per "
-        f"task; batch size {report['batch_size']}; specs {report['specs']} "
-        f"(the batched job evaluates all of them, the CLI fp16 only).",
+        f"task; batch size {report['batch_size']} (per model below); specs {report['specs']} "
+        f"(the batched job evaluates all of them, the CLI fp16 only). Scoring = the specs' "
+        f"evaluation time without start-up, loading, request building and writing; 'first' is "
+        f"the first spec (fp16: CUDA warm-up included), 'steady' the median of the later specs.",
         "",
-        "| model | documents | tokens/spec | lm_eval CLI s | batched s/spec | ratio | "
-        "fp16 scoring s | forward s | FLOP-limit s | % peak (scoring) | % peak (forward) |",
+        "| model | batch | tokens/spec | lm_eval CLI s | batched s/spec | ratio | FLOP-limit s "
+        "| scoring s first / steady | forward s first / steady | % peak scoring first / steady "
+        "| % peak forward first / steady |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
-        fwd = r["peak_fraction_forward"]
         lines.append(
-            f"| {r['model']} | {sum(r['n_docs'].values()):,} | {r['tokens_scored']:,} | "
-            f"{r['lm_eval_cli_s']:.1f} | "
-            f"{r['batched_per_spec_s']:.1f} | {r['ratio_vs_cli']:.2f} | "
-            f"{r['fp16_scoring_s']:.1f} | "
-            f"{r['fp16_forward_s']:.1f} | {r['flop_limit_s']:.2f} | "
-            f"{100 * r['peak_fraction_scoring']:.0f}% | "
-            f"{'' if fwd is None else f'{100 * fwd:.0f}%'} |"
+            f"| {r['model']} | {r['batch_size']} | {r['tokens_scored']:,} | "
+            f"{r['lm_eval_cli_s']:.1f} | {r['batched_per_spec_s']:.1f} | "
+            f"{r['ratio_vs_cli']:.2f} | {r['flop_limit_s']:.2f} | "
+            f"{r['fp16_scoring_s']:.1f} / {r['steady_scoring_s']:.1f} | "
+            f"{r['fp16_forward_s']:.1f} / {r['steady_forward_s']:.1f} | "
+            f"{_pct(r['peak_fraction_scoring'])} / {_pct(r['peak_fraction_steady_scoring'])} | "
+            f"{_pct(r['peak_fraction_forward'])} / {_pct(r['peak_fraction_steady_forward'])} |"
+        )
+    lines += [
+        "",
+        "Per-document fp16 results against the CLI's logged samples (same batch size): "
+        "max |log-likelihood difference| (documents whose log-likelihoods differ at all; "
+        "documents whose greedy flags differ).",
+        "",
+        "| model | in-process, pooled like the CLI (exact) | same, positions_only | "
+        "batched job (per-task batches) | evaluate s exact / positions_only |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["models"]:
+        c = r.get("fidelity_vs_cli") or {}
+
+        def cell(d: dict | None) -> str:
+            if not d or "max_abs_ll_diff" not in d:
+                return "not run"
+            return (
+                f"{d['max_abs_ll_diff']:.3g} ({d['docs_ll_differ']} of {d['docs']}; "
+                f"{d['docs_greedy_differ']})"
+            )
+
+        ex, po = c.get("exact"), c.get("positions_only")
+        times = f"{ex['evaluate_s']:.1f} / {po['evaluate_s']:.1f}" if ex and po else ""
+        lines.append(
+            f"| {r['model']} | {cell(ex)} | {cell(po)} | {cell(c.get('batched_fp16_vs_cli'))} "
+            f"| {times} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -238,18 +408,26 @@ def main() -> None:
     ap.add_argument("--models", default="160m,1.4b")
     ap.add_argument("--specs", default="fp16,int4-b64,float4-e3-b64,nf4-b64")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", default="auto", help="'auto' (search per model) or N")
+    ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--device", default="cuda", help="cpu: a functional check, not a benchmark")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["batched", "find-batch", "check"], help=argparse.SUPPRESS)
+    ap.add_argument("--cli-out", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--tasks-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = "float16" if args.device == "cuda" else "float32"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.batch_size != "auto":
+        args.batch_size = str(int(args.batch_size))
     if args.worker:
-        batched_worker(args)
+        if args.worker != "find-batch":
+            args.batch_size = int(args.batch_size)
+        {"batched": batched_worker, "find-batch": find_batch_worker, "check": check_worker}[
+            args.worker
+        ](args)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device found (use --device cpu for a functional check only)")

@@ -17,12 +17,19 @@ def run_lm_eval_cli(
     limit: int | None,
     batch_size: int,
     dtype: str = "float32",
+    softmax_dtype: str = "auto",
 ) -> tuple[dict, dict[str, list[dict]]]:
-    """``python -m lm_eval --model hf ...`` offline on the CPU; (results, samples per task)."""
+    """``python -m lm_eval --model hf ...`` offline on the CPU; (results, samples per task).
+
+    ``softmax_dtype`` as the workflow's ``eval.softmax_dtype``: ``auto`` leaves HFLM's default.
+    """
+    model_args = f"pretrained={model_dir},dtype={dtype}"
+    if softmax_dtype != "auto":
+        model_args += f",softmax_dtype={softmax_dtype}"
     cmd = [
         sys.executable, "-m", "lm_eval",
         "--model", "hf",
-        "--model_args", f"pretrained={model_dir},dtype={dtype}",
+        "--model_args", model_args,
         "--device", "cpu",
         "--tasks", ",".join(tasks),
         "--include_path", str(include),

@@ -9,14 +9,12 @@ Equality is exact: metrics with ``==`` and every document's log-likelihoods bit 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
+from lm_eval_cli import run_lm_eval_cli
 from models import shared_data_dir, tiny_model_dir
 
 from kbit.evaluation.metrics import task_metrics
@@ -52,41 +50,6 @@ def _data_dir(tmp: Path) -> Path:
     return dst
 
 
-def _run_cli(model_dir: Path, include: Path, out: Path) -> tuple[dict, dict[str, list[dict]]]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "--model",
-        "hf",
-        "--model_args",
-        f"pretrained={model_dir},dtype=float32",
-        "--device",
-        "cpu",
-        "--tasks",
-        ",".join(TASKS),
-        "--include_path",
-        str(include),
-        "--batch_size",
-        str(BATCH),
-        "--limit",
-        str(LIMIT),
-        "--log_samples",
-        "--output_path",
-        str(out),
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (results_file,) = out.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
-    samples = {}
-    for task in TASKS:
-        (f,) = out.rglob(f"samples_{task}_*.jsonl")
-        samples[task] = [json.loads(line) for line in f.read_text().splitlines()]
-    return results, samples
-
-
 def _cli_lls(sample: dict) -> list[float]:
     resps = sample["filtered_resps"]
     if isinstance(resps[0], list):
@@ -94,16 +57,30 @@ def _cli_lls(sample: dict) -> list[float]:
     return [float(resps[0])]
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "opt"])
-def test_runner_equals_lm_eval_cli(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "dtype", "softmax_dtype"),
+    [
+        ("gpt_neox", "float32", "auto"),
+        ("opt", "float32", "auto"),
+        ("gpt_neox", "bfloat16", "float32"),
+    ],
+)
+def test_runner_equals_lm_eval_cli(
+    arch: str, dtype: str, softmax_dtype: str, tmp_path: Path
+) -> None:
+    """Also a 16-bit model with the log-softmax in float32 (the workflow's default), both sides."""
     data = _data_dir(tmp_path)
     include = prepare_tasks(TASKS, data, tmp_path / "tasks")
     model_dir = tiny_model_dir(arch, tmp_path)
-    cli_results, cli_samples = _run_cli(model_dir, include, tmp_path / "cli")
+    cli_results, cli_samples = run_lm_eval_cli(
+        model_dir, include, tmp_path / "cli", TASKS, LIMIT, BATCH, dtype, softmax_dtype
+    )
 
     task_dict = build_task_dict(TASKS, data, tmp_path / "tasks")
-    model, tok = load_model(model_dir, dtype="float32", device="cpu")
-    ours = evaluate_tasks(make_lm(model, tok, BATCH), task_dict, limit=LIMIT, together=True)
+    model, tok = load_model(model_dir, dtype=dtype, device="cpu")
+    lm = make_lm(model, tok, BATCH, softmax_dtype)
+    assert lm.softmax_dtype == (torch.float32 if softmax_dtype == "float32" else None)
+    ours = evaluate_tasks(lm, task_dict, limit=LIMIT, together=True)
 
     for task in TASKS:
         docs = ours[task].docs

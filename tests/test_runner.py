@@ -14,6 +14,7 @@ from models import shared_data_dir, tiny_model_dir
 
 from kbit.evaluation.batching import (
     DEFAULT_CPU_BATCH_SIZE,
+    cpu_batch_size,
     find_batch_size,
     read_batch_size,
     write_batch_size,
@@ -135,8 +136,26 @@ def test_parquet_schema_and_atomic_write(tmp_path: Path) -> None:
     assert back["ll"].iloc[0].tolist() == [-1.0, -2.0]
 
 
+class _Head(torch.nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(4, vocab)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def test_cpu_batch_size_is_capped_by_host_memory() -> None:
+    """8 x 8192-token rows over 49152 logits (SmolLM2): 26 GB with the log-softmax."""
+    gib = 2**30
+    assert cpu_batch_size(8192, 49152, 8, memory_bytes=24 * gib) == 3
+    assert cpu_batch_size(8192, 49152, 8, memory_bytes=256 * gib) == 8
+    assert cpu_batch_size(8192, 49152, 8, memory_bytes=gib) == 1  # never below one
+    assert cpu_batch_size(2048, 50304, 8, memory_bytes=24 * gib) == 8
+
+
 def test_batch_size_on_cpu_and_json(tmp_path: Path) -> None:
-    model = torch.nn.Linear(4, 4)
+    model = _Head(4)
     assert find_batch_size(model, 128, "cpu") == DEFAULT_CPU_BATCH_SIZE
     assert find_batch_size(model, 128, "cpu", default=3) == 3
     with pytest.raises(ValueError, match="max_length"):
@@ -296,3 +315,75 @@ def test_batched_restores_tied_weights(setup: dict) -> None:
     pd.testing.assert_frame_equal(fresh[cols], after[cols], check_exact=True)
     q3 = pd.read_parquet(paths[("int3-b64", "piqa")])
     assert [list(x) for x in q3["ll"]] != [list(x) for x in after["ll"]]
+
+
+# ---------------------------------------------------------------------- fast scoring
+def _lm(setup: dict, batch_size: int = 3, **options: object):
+    from kbit.evaluation.runner import make_lm
+
+    model, tok = load_model(setup["model"], "float32", "cpu")
+    return make_lm(model, tok, batch_size, **options)
+
+
+def test_fast_scoring_equals_hflm_scoring(setup: dict) -> None:
+    """ReusingHFLM's scoring loop == HFLM's own, bit for bit, on every output type
+    (odd batch size, so batches mix lengths; WikiText's rolling windows included)."""
+    from kbit.evaluation.runner import evaluate_tasks
+
+    names = ["lambada_openai", "piqa", "winogrande", "wikitext"]
+    frames = {}
+    for fast in (True, False):
+        tasks = build_task_dict(names, setup["data"], setup["tmp"] / "tasks-fast")
+        lm = _lm(setup, fast_scoring=fast)
+        res = evaluate_tasks(lm, tasks, limit={"wikitext": 1, **dict.fromkeys(names[:3], 5)})
+        frames[fast] = {n: r.docs for n, r in res.items()}
+        assert all(r.forward_tokens > 0 and r.forward_time_s > 0 for r in res.values())
+    for n in names:
+        pd.testing.assert_frame_equal(frames[True][n], frames[False][n], check_exact=True)
+
+
+def test_fast_scoring_shared_rows_and_truncation(setup: dict) -> None:
+    """Requests sharing one forward row (same context + continuation[:-1], also with another
+    split between context and continuation) and over-long requests score as in HFLM."""
+    fast, stock = _lm(setup), _lm(setup, fast_scoring=False)
+    n = fast.max_length
+    base = list(range(100, 140))
+    reqs = [
+        (("a", "1"), base[:30], base[30:35]),
+        (("b", "2"), base[:30], [*base[30:34], 7]),  # same row, other last token
+        (("c", "3"), base[:34], [9]),  # same row, shorter continuation
+        (("d", "4"), base[:20], base[20:22]),
+        (("e", "5"), [5] * (n - 3), list(range(200, 210))),  # truncated from the left
+        ((None, None), [1], list(range(300, 300 + n))),  # a full rolling window
+        (("f", "6"), [11, 12], [13]),
+    ]
+    a = fast._loglikelihood_tokens(list(reqs))
+    b = stock._loglikelihood_tokens(list(reqs))
+    assert a == b
+    assert all(isinstance(x, float) and isinstance(g, bool) for x, g in a)
+
+
+def test_pretokenize_equals_lazy_tokenization(setup: dict) -> None:
+    tasks = build_task_dict(TASKS, setup["data"], setup["tmp"] / "tasks-tok")
+    lm, fresh = _lm(setup), _lm(setup)
+    insts = []
+    for task in tasks["tasks"].values():
+        task.build_all_requests(limit=LIMIT, rank=0, world_size=1)
+        insts.extend(task.instances)
+    lm.pretokenize(insts)
+    assert lm._tok_cache and lm._pair_cache
+    for key, toks in lm._tok_cache.items():
+        assert toks == fresh.tok_encode(*key), key
+    for (ctx, cont), pair in lm._pair_cache.items():
+        assert pair == fresh._encode_pair(ctx, cont)
+
+
+def test_positions_only_scoring_is_close(setup: dict) -> None:
+    """The LM-head shortcut (not exact by design) gives the same scores up to rounding."""
+    exact, rows = _lm(setup), _lm(setup, positions_only=True)
+    base = list(range(100, 140))
+    reqs = [(("a", str(i)), base[: 10 + i], base[10 + i : 14 + i]) for i in range(7)]
+    a = exact._loglikelihood_tokens(list(reqs))
+    b = rows._loglikelihood_tokens(list(reqs))
+    assert [g for _, g in a] == [g for _, g in b]
+    assert [x for x, _ in a] == pytest.approx([x for x, _ in b], rel=1e-5, abs=1e-5)

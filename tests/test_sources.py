@@ -100,7 +100,6 @@ def test_gguf_errors_name_the_file_or_package(tmp_path):
         resolve_gguf("pkg://no_such_package_kbit/x.gguf")
 
 
-
 def test_download_script_keeps_package_gguf_names(tmp_path):
     """The workflow's download step hands ``pkg://`` names through unmangled (no Path())."""
     import runpy

@@ -106,6 +106,7 @@ def test_fp16_scores_equal_lm_eval_cli(run: dict) -> None:
                 limit=_limit(config, group[0]),
                 batch_size=config["eval"]["batch_size"],
                 dtype=config["eval"]["dtype"],
+                softmax_dtype=config["eval"].get("softmax_dtype", "float32"),
             )
             for task in group:
                 df = pd.read_parquet(run["R"] / "evals" / model / "fp16" / f"{task}.parquet")
@@ -129,6 +130,14 @@ def test_tables_figures_and_claims(run: dict) -> None:
     assert any(v in claims for v in ("holds", "does not hold", "not enough data"))
     optimal = pd.read_parquet(R / "laws" / "optimal.parquet")
     assert len(optimal) > 0
+
+
+def test_html_report(run: dict) -> None:
+    report = run["tmp"] / "report.html"
+    _snakemake(run["tmp"], "--report", str(report))
+    html = report.read_text(errors="replace")
+    assert report.stat().st_size > 100_000
+    assert "claims.md" in html and "scores.parquet" in html
 
 
 def test_second_run_does_nothing_and_a_deleted_result_is_redone_alone(run: dict) -> None:

@@ -1,18 +1,49 @@
-"""Batch-size search and reuse of tokenized requests across quantization configs of one model.
+"""Batch-size search, reuse of tokenized requests, and lm-eval's scoring without its host syncs.
 
-``ReusingHFLM`` is lm-eval's ``HFLM`` with three additions that leave its numerics untouched
-(it calls the parent's ``_loglikelihood_tokens`` for every score):
+``ReusingHFLM`` is lm-eval's ``HFLM`` with additions that leave its numerics untouched:
 
-- ``_encode_pair`` is memoised, so evaluating the same task for many quantization configs of one
-  model tokenizes each (context, continuation) pair once;
+- tokenization is memoised (``tok_encode`` and ``_encode_pair``), so evaluating the same task for
+  many quantization configs of one model tokenizes each string once; :meth:`ReusingHFLM.pretokenize`
+  fills the memo for a whole task up front, in batches;
+- ``_loglikelihood_tokens`` is a faster re-implementation of HFLM's (see below) that gives the
+  same numbers bit for bit;
 - it records, per request, the context and continuation token counts (the per-document
   ``n_tokens`` column) and the tokens actually fed through the model (for FLOP counts);
-- it times the forward passes (the rest of the wall time is lm-eval's per-request bookkeeping);
+- it times the forward passes (CUDA events, no host sync; the rest of the wall time is scoring
+  bookkeeping);
 - every batched forward pass reports to a :class:`~kbit.evaluation.progress.Progress`.
 
-``find_batch_size`` picks the largest power-of-two batch that fits a full-length forward pass
-plus the log-softmax lm-eval takes over it (CUDA), or a configured default on the CPU, where
-memory is rarely the limit and larger batches only add padding.
+Fast scoring (``fast_scoring=True``, the default). HFLM's loop takes a log-softmax over the whole
+padded ``[batch, length, vocab]`` logits, then for every request selects its continuation rows,
+copies the continuation tokens to the device, and reads the sum and the greedy flag back to the
+host (two syncs per request). The re-implementation keeps everything that decides the bits:
+
+- the same batches: lm-eval's own ``Collator`` (length-descending sort, grouping of requests
+  that share ``context + continuation[:-1]``, fixed batch size) and right padding with zeros, so
+  every forward pass has exactly the input and shape HFLM gives it;
+- the same forward call (HFLM's ``_model_call``) and the full logits it returns;
+- the log-softmax in the same dtype (``softmax_dtype``, default the model's) over full vocabulary
+  rows; it is taken only on the rows that are scored (gathered from the logits), which gives the
+  same values because the softmax kernels reduce each row on its own;
+- lm-eval's exact per-request arithmetic: greedy flags from the argmax of those log-softmax rows
+  (the first maximum, as ``argmax`` on the full tensor) compared on the continuation's *last*
+  positions, log-likelihoods gathered from its *first* positions (what ``torch.gather`` does for
+  cached requests with shorter continuations), and each sum taken by ``torch.sum`` on its own
+  ``[1, n]`` tensor of the same dtype, starting at an aligned address as a fresh tensor would.
+
+What changes: batched index building on the host, one pinned asynchronous copy of all indices
+per batch, device-side gathers for all requests of a batch, and one transfer of all results at
+the end of each call (no host sync per request or per batch). Memory is the logits plus a bounded
+chunk of scored rows, less than HFLM's full log-softmax copy.
+
+``positions_only=True`` (off by default, not exact) goes further and feeds only the scored
+positions' hidden states through the LM head; the LM head's matrix product then has another
+shape, which can change the last bits of the logits.
+
+``find_batch_size`` picks the largest batch that fits a full-length forward pass plus the
+log-softmax lm-eval's own HFLM (the command line) takes over it on CUDA, with some memory left
+free, so that ``lm_eval --batch_size N`` can reproduce every number; or a configured default on
+the CPU, where memory is rarely the limit and larger batches only add padding.
 """
 
 from __future__ import annotations
@@ -25,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
@@ -35,28 +67,93 @@ log = logging.getLogger("kbit.evaluation")
 
 #: batch size used on the CPU (and whenever no search is possible)
 DEFAULT_CPU_BATCH_SIZE = 8
-#: upper end of the power-of-two search on CUDA
+#: fraction of the host memory the logits of one CPU batch (and their log-softmax) may take
+CPU_MEMORY_FRACTION = 0.4
+#: upper end of the batch-size search on CUDA
 MAX_BATCH_SIZE = 512
+#: fraction of the device memory a batch-size candidate may leave unused at its peak
+MEMORY_HEADROOM = 0.10
+#: per-request log-likelihood segments start at multiples of this many elements (see module doc)
+_ALIGN = 64
+#: scored rows whose full-vocabulary log-softmax is materialised at once
+_ROWS_PER_CHUNK = 8192
+
+
+class _Slot:
+    """Stands in for the logits ``Collator.get_cache`` expands for requests sharing one row."""
+
+    def expand(self, *_: Any) -> _Slot:
+        return self
+
+    def chunk(self, n: int) -> list[_Slot]:
+        return [self] * n
+
+
+_SLOT = _Slot()
+
+
+def _span(pos: list[int]) -> int | None:
+    """The first index if ``pos`` is one run of consecutive integers, else None."""
+    return pos[0] if pos and pos[-1] - pos[0] == len(pos) - 1 else None
+
+
+def _collate(req: tuple) -> tuple:
+    """HFLM's sort key: longest first, then by tokens."""
+    toks = req[1] + req[2]
+    return -len(toks), tuple(toks)
+
+
+def _one_token_group(req: tuple) -> list[int]:
+    """HFLM's grouping key: requests with the same context + continuation[:-1] share a row."""
+    return req[-2] + req[-1][:-1]
 
 
 class ReusingHFLM(HFLM):
-    """``HFLM`` over an in-memory model that caches tokenization and counts tokens.
+    """``HFLM`` over an in-memory model that caches tokenization, counts tokens, scores fast.
 
-    Construct it exactly like ``HFLM(pretrained=model, tokenizer=tok, batch_size=N)``; the
-    model's weights may be changed in place between evaluations (quantization configs), the
-    cached tokenization stays valid because it depends on the tokenizer only.
+    Construct it like ``HFLM(pretrained=model, tokenizer=tok, batch_size=N)``; the model's
+    weights may be changed in place between evaluations (quantization configs), the cached
+    tokenization stays valid because it depends on the tokenizer only. ``fast_scoring=False``
+    runs HFLM's own ``_loglikelihood_tokens``; ``positions_only=True`` is the inexact LM-head
+    shortcut described in the module docstring.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fast_scoring: bool = True,
+        positions_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.fast_scoring = fast_scoring
+        self.positions_only = positions_only
         self._pair_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._tok_cache: dict[tuple[str, bool | None], list[int]] = {}
         #: (context, continuation) or ("", text) for rolling -> (context tokens, scored tokens)
         self.request_tokens: dict[tuple[str, str], tuple[int, int]] = {}
         #: tokens fed through the model (unpadded inputs of the forward rows), since reset
         self.forward_tokens = 0
-        #: seconds spent in the model's forward passes, since reset (synchronised on CUDA)
-        self.forward_time_s = 0.0
+        self._forward_s = 0.0
+        self._forward_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._head_rows: torch.Tensor | None = None
+        self._head_hook: Any = None
         self.progress: Progress | None = None
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def forward_time_s(self) -> float:
+        """Seconds spent in the model's forward passes since reset (waits for pending ones)."""
+        for start, end in self._forward_events:
+            end.synchronize()
+            self._forward_s += start.elapsed_time(end) / 1000.0
+        self._forward_events.clear()
+        return self._forward_s
+
+    @forward_time_s.setter
+    def forward_time_s(self, value: float) -> None:
+        self._forward_events.clear()
+        self._forward_s = float(value)
 
     def reset_counters(self) -> None:
         """Zero the forward token and time counters (call at the start of each task)."""
@@ -64,14 +161,67 @@ class ReusingHFLM(HFLM):
         self.forward_time_s = 0.0
 
     # ------------------------------------------------------------------ tokenization reuse
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        if left_truncate_len or kwargs:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        key = (string, add_special_tokens)
+        hit = self._tok_cache.get(key)
+        if hit is None:
+            hit = super().tok_encode(string, add_special_tokens)
+            self._tok_cache[key] = hit
+        # lm-eval only reads the lists; hand out copies anyway so no caller can corrupt the cache
+        return list(hit)
+
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         key = (context, continuation)
         hit = self._pair_cache.get(key)
         if hit is None:
             hit = super()._encode_pair(context, continuation)
             self._pair_cache[key] = hit
-        # lm-eval only reads the lists; hand out copies anyway so no caller can corrupt the cache
         return list(hit[0]), list(hit[1])
+
+    def pretokenize(self, requests: list) -> None:
+        """Fill the tokenization memo for lm-eval ``Instance``s (fast tokenizers: in batches).
+
+        Only strings that ``tok_encode`` would encode with the tokenizer's default special-token
+        handling are batched (``tokenizer(list)`` and ``tokenizer.encode(str)`` run the same
+        encoder); everything else is left to the memoised per-string path.
+        """
+        strings: set[str] = set()
+        for req in requests:
+            if req.request_type == "loglikelihood_rolling":
+                strings.add(req.args[0])
+            elif req.request_type == "loglikelihood" and req.args[0] != "":
+                context, continuation = req.args
+                n_spaces = len(context) - len(context.rstrip())
+                if n_spaces > 0:
+                    continuation = context[-n_spaces:] + continuation
+                    context = context[:-n_spaces]
+                strings.update((context + continuation, context))
+        todo = [s for s in strings if (s, None) not in self._tok_cache]
+        batchable = getattr(self.tokenizer, "is_fast", False) and self.add_bos_token is None
+        if todo and batchable:
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            plain = [s for s in todo if not (bos and s.startswith(bos))]
+            for i in range(0, len(plain), 4096):
+                part = plain[i : i + 4096]
+                ids = self.tokenizer(part, add_special_tokens=True)["input_ids"]
+                self._tok_cache.update(((s, None), list(t)) for s, t in zip(part, ids, strict=True))
+        for req in requests:  # the rest (and the pairs) through lm-eval's own code
+            if req.request_type == "loglikelihood_rolling":
+                self.tok_encode(req.args[0])
+            elif req.request_type == "loglikelihood":
+                context, continuation = req.args
+                if context == "":
+                    self.tok_encode(continuation, add_special_tokens=False)
+                else:
+                    self._encode_pair(context, continuation)
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return super().loglikelihood(requests, disable_tqdm=True)
@@ -82,7 +232,7 @@ class ReusingHFLM(HFLM):
             self.request_tokens[("", text)] = (0, len(self.tok_encode(text)))
         return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
-    # ------------------------------------------------------------------ counting
+    # ------------------------------------------------------------------ scoring
     def _loglikelihood_tokens(
         self,
         requests: list,
@@ -101,17 +251,184 @@ class ReusingHFLM(HFLM):
         self.forward_tokens += sum(min(n, self.max_length) for n in lengths)
         if self.progress is not None:
             self.progress.add_rows(len(lengths))
+        if self.fast_scoring and self.backend == "causal" and self.batch_size != "auto":
+            return self._score_tokens(requests)
         return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
 
+    def _score_tokens(self, requests: list) -> list[tuple[float, bool]]:
+        """HFLM's ``_loglikelihood_tokens`` for causal models, same bits, no per-request syncs."""
+        from lm_eval.models.utils import Collator
+
+        re_ord = Collator(
+            requests,
+            sort_fn=_collate,
+            group_by="contexts" if self.logits_cache else None,
+            group_fn=_one_token_group,
+        )
+        keys: list[Any] = []
+        sums: list[torch.Tensor] = []
+        greedy: list[torch.Tensor] = []
+        for chunk in re_ord.get_batched(n=self.batch_size, batch_fn=None):
+            plan = self._plan_batch(chunk, re_ord)
+            keys.extend(plan["keys"])
+            s, g = self._run_batch(plan)
+            sums.append(s)
+            greedy.append(g)
+        if not sums:
+            return re_ord.get_original([])
+        lls = torch.cat(sums).tolist()
+        flags = torch.cat(greedy).tolist()
+        res = []
+        for key, ll, flag in zip(keys, lls, flags, strict=True):
+            answer = (ll, flag)
+            res.append(answer)
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return re_ord.get_original(res)
+
+    def _plan_batch(self, chunk: list, re_ord: Any) -> dict[str, Any]:
+        """Host-side indices of one batch: inputs, scored rows, gathers, greedy checks."""
+        max_len = self.max_length
+        inps = []
+        for _, ctx, cont in chunk:
+            if not (len(ctx) > 0 and 0 < len(cont) <= max_len):
+                raise AssertionError(f"bad request lengths: context {len(ctx)}, cont {len(cont)}")
+            total = len(ctx) + len(cont)
+            if total > max_len + 1:
+                log.warning(
+                    "Combined length of context (%d) and continuation (%d) exceeds the model's "
+                    "maximum length (%d). Truncating %d tokens from the left.",
+                    len(ctx), len(cont), max_len, total - max_len + 1,
+                )  # fmt: skip
+            inps.append((ctx + cont)[-(max_len + 1) :][:-1])
+        width = max(len(x) for x in inps)
+        tokens = np.zeros((len(chunk), width), dtype=np.int64)
+        for i, x in enumerate(inps):
+            tokens[i, : len(x)] = x
+        # scored rows, split into chunks of whole requests; indices below are chunk-local
+        chunks: list[dict[str, list[int]]] = []
+        cur: dict[str, list[int]] = {}
+        keys: list[Any] = []
+        seg_off: list[int] = []
+        seg_len: list[int] = []
+        n_gather = 0
+        for i, ((key, ctx, cont), inp) in enumerate(zip(chunk, inps, strict=True)):
+            contlen = len(cont)
+            if not cur or (cur["pos"] and len(cur["pos"]) + contlen > _ROWS_PER_CHUNK):
+                cur = {"pos": [], "gidx": [], "gtok": [], "eidx": [], "etok": [], "eseg": []}
+                chunks.append(cur)
+            base = len(cur["pos"])
+            start = i * width + len(inp) - contlen
+            cur["pos"].extend(range(start, start + contlen))
+            for r_key, r_cont, _ in re_ord.get_cache(
+                req_str=key, cxt_toks=ctx, cont_toks=cont, logits=_SLOT
+            ):
+                c = len(r_cont)
+                r = len(keys)
+                keys.append(r_key)
+                # log-likelihood: gather at the first c rows, in an aligned segment of its own
+                seg_off.append(n_gather)
+                seg_len.append(c)
+                pad = -c % _ALIGN
+                cur["gidx"].extend([*range(base, base + c), *([base] * pad)])
+                cur["gtok"].extend([*r_cont, *([0] * pad)])
+                n_gather += c + pad
+                # greedy: argmax equals the continuation on the last c rows
+                cur["eidx"].extend(range(base + contlen - c, base + contlen))
+                cur["etok"].extend(r_cont)
+                cur["eseg"].extend([r] * c)
+        return {
+            "tokens": tokens,
+            "chunks": chunks,
+            "keys": keys,
+            "seg_off": seg_off,
+            "seg_len": seg_len,
+        }
+
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """All index arrays in one (pinned, asynchronous on CUDA) host-to-device copy."""
+        sizes = [a.size for a in arrays]
+        host = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            dev = host.pin_memory().to(self.device, non_blocking=True)
+        else:
+            dev = host.to(self.device)
+        out, at = [], 0
+        for a, n in zip(arrays, sizes, strict=True):
+            out.append(dev[at : at + n].view(a.shape))
+            at += n
+        return out
+
+    def _run_batch(self, plan: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass and scoring of one planned batch; results stay on the device."""
+        names = ("pos", "gidx", "gtok", "eidx", "etok", "eseg")
+        arrays = [plan["tokens"]]
+        for ch in plan["chunks"]:
+            arrays.extend(np.asarray(ch[k], dtype=np.int64) for k in names)
+        dev = self._to_device(arrays)
+        inps = dev[0]
+        spans = [_span(ch["pos"]) for ch in plan["chunks"]]
+        per_chunk = [dev[1 + 6 * j : 7 + 6 * j] for j in range(len(plan["chunks"]))]
+        if self.positions_only:  # the LM head sees only the scored rows, in chunk order
+            self._head_rows = torch.cat([c[0] for c in per_chunk])
+            self._install_head_hook()
+        try:
+            logits = self._model_call(inps)
+        finally:
+            self._head_rows = None
+        flat = logits.reshape(-1, logits.shape[-1])
+        n_req = len(plan["keys"])
+        vals = []
+        miss = torch.zeros(n_req, dtype=torch.int32, device=flat.device)
+        done = 0
+        for (pos, gidx, gtok, eidx, etok, eseg), span in zip(per_chunk, spans, strict=True):
+            if self.positions_only:
+                rows = flat[done : done + pos.shape[0]]
+                done += pos.shape[0]
+            elif span is not None:  # consecutive rows (rolling windows): a view, no copy
+                rows = flat.narrow(0, span, pos.shape[0])
+            else:  # advanced indexing (index_select is far slower on the CPU for long rows)
+                rows = flat[pos]
+            lp = F.log_softmax(rows, dim=-1, dtype=self.softmax_dtype)
+            vals.append(lp[gidx, gtok])
+            miss.index_add_(0, eseg, (lp.argmax(dim=-1)[eidx] != etok).to(torch.int32))
+            del lp, rows
+        del logits, flat
+        v = vals[0] if len(vals) == 1 else torch.cat(vals)
+        # one torch.sum per request over its own aligned [1, n] tensor, as HFLM sums
+        sums = torch.stack(
+            [
+                v.narrow(0, off, c).view(1, c).sum()
+                for off, c in zip(plan["seg_off"], plan["seg_len"], strict=True)
+            ]
+        )
+        return sums, miss == 0
+
+    def _install_head_hook(self) -> None:
+        if self._head_hook is not None:
+            return
+        head = self.model.get_output_embeddings()
+
+        def keep_rows(_module: Any, args: tuple) -> tuple | None:
+            if self._head_rows is None:
+                return None
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._head_rows),)
+
+        self._head_hook = head.register_forward_pre_hook(keep_rows)
+
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        self.forward_time_s += time.perf_counter() - t0
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            end.record()
+            self._forward_events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            self._forward_s += time.perf_counter() - t0
         if self.progress is not None:
             self.progress.tick(int(inps.shape[0]))
         return out
@@ -123,42 +440,99 @@ def find_batch_size(
     device: str | torch.device,
     default: int = DEFAULT_CPU_BATCH_SIZE,
     max_batch_size: int = MAX_BATCH_SIZE,
+    headroom: float = MEMORY_HEADROOM,
+    softmax_dtype: torch.dtype | None = None,
 ) -> int:
-    """Largest power-of-two batch of ``max_length`` tokens that survives a forward pass.
+    """Largest batch of ``max_length`` tokens that lm-eval's own scoring fits on ``device``.
 
     On CUDA each candidate runs the model on a full ``[batch, max_length]`` input and the
-    log-softmax lm-eval applies to the logits; the first out-of-memory error stops the search.
-    On any other device ``default`` is returned unchanged.
+    full-vocabulary log-softmax (in ``softmax_dtype``) HFLM applies to the logits (the command
+    line's peak, which is above :class:`ReusingHFLM`'s); a candidate fits if it neither runs out
+    of memory nor leaves less than ``headroom`` of the device memory unused at its peak. Powers
+    of two are tried first, then the gap to the next one in quarter steps. On any other device
+    see :func:`cpu_batch_size`.
     """
     device = torch.device(device)
     if max_length < 1:
         raise ValueError(f"max_length={max_length}: must be a positive number of tokens")
-    if device.type != "cuda":
-        return int(default)
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    best = 0
-    bs = 1
-    while bs <= max_batch_size:
+    if device.type != "cuda":
+        return cpu_batch_size(max_length, vocab, default)
+    limit = (1.0 - headroom) * torch.cuda.get_device_properties(device).total_memory
+
+    def fits(bs: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
         try:
             with torch.no_grad():
                 inp = torch.randint(0, vocab, (bs, max_length), device=device)
                 logits = model(inp).logits
-                F.log_softmax(logits, dim=-1)
+                F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
                 del logits, inp
             torch.cuda.synchronize(device)
-            best = bs
-            bs *= 2
+            peak = torch.cuda.max_memory_reserved(device)
         except torch.cuda.OutOfMemoryError:
-            break
+            return False
         finally:
             torch.cuda.empty_cache()
+        log.info("batch %d x %d tokens: peak %.1f GiB", bs, max_length, peak / 2**30)
+        return peak <= limit
+
+    best = 0
+    bs = 1
+    while bs <= max_batch_size and fits(bs):
+        best = bs
+        bs *= 2
     if best == 0:
         raise RuntimeError(
             f"a batch of 1 x {max_length} tokens does not fit on {device}; "
             "lower the model's max_length or use a larger device"
         )
+    step = best // 4
+    if step > 0 and bs <= max_batch_size:  # stopped by memory, not by max_batch_size
+        for cand in (best + step, best + 2 * step, best + 3 * step):
+            if not fits(cand):
+                break
+            best = cand
     log.info("batch size %d fits %d tokens on %s", best, max_length, device)
     return best
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this machine (the cgroup limit where one is set and lower)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cap.isdigit():
+            total = min(total, int(cap))
+    except OSError:
+        pass
+    return total
+
+
+def cpu_batch_size(
+    max_length: int,
+    vocab: int,
+    default: int = DEFAULT_CPU_BATCH_SIZE,
+    memory_bytes: int | None = None,
+) -> int:
+    """``default``, lowered so that a full-length batch's float32 logits and the log-softmax
+    HFLM takes over them stay within :data:`CPU_MEMORY_FRACTION` of the host memory.
+
+    Why: long-context models make this the limit on the CPU: 8 rolling windows of 8192 tokens
+    over a 49k vocabulary (SmolLM2) are 13 GB of logits, 26 GB with their log-softmax.
+    """
+    if memory_bytes is None:
+        memory_bytes = host_memory_bytes()
+    per_row = 2 * max_length * vocab * 4
+    fits = int(CPU_MEMORY_FRACTION * memory_bytes // per_row)
+    bs = max(1, min(int(default), fits))
+    if bs < default:
+        log.info(
+            "batch size %d on the CPU: %d x %d-token rows of %d logits fit in %.0f%% of %.1f GiB",
+            bs, bs, max_length, vocab, 100 * CPU_MEMORY_FRACTION, memory_bytes / 2**30,
+        )  # fmt: skip
+    return bs
 
 
 def write_batch_size(path: str | os.PathLike, info: dict[str, Any]) -> None:

@@ -16,8 +16,10 @@ The settings that make the two identical (each checked by ``tests/test_fidelity.
   way (``configure_pad_token``), and leaves ``add_bos_token``/``prefix_token_id`` at None;
 - HFLM defaults everywhere else: ``max_length`` from the model config, ``truncation=False``,
   ``logits_cache=True`` (one forward row for choices that differ only in their last token),
-  ``softmax_dtype=None`` (log-softmax in the model's dtype), no mixed precision, right padding
-  of the length-sorted batches;
+  no mixed precision, right padding of the length-sorted batches;
+- the log-softmax dtype: ``eval.softmax_dtype`` (default ``float32``, so that 16-bit models
+  score in float32 like the paper's evaluation; pass ``softmax_dtype=float32`` in the CLI's
+  ``--model_args``) or ``auto`` (the model's dtype, HFLM's default);
 - the same integer batch size (never "auto": the batch composition changes the padded shapes
   and with them the last bits of the matrix products);
 - the same set of tasks in one ``evaluate`` call (lm-eval pools the requests of all tasks of one
@@ -29,8 +31,15 @@ The settings that make the two identical (each checked by ``tests/test_fidelity.
 
 Speed: :func:`evaluate_specs` loads a base model once and evaluates many quantization configs,
 restoring the original weights before each, building lm-eval's requests once per task and
-tokenizing each request once (:class:`~kbit.evaluation.batching.ReusingHFLM`). Scoring still runs
-through HFLM's own ``_loglikelihood_tokens``, so its results equal the one-job-per-config path.
+tokenizing each request once, in batches, before any scoring starts
+(:class:`~kbit.evaluation.batching.ReusingHFLM`). Both paths score through ``ReusingHFLM``'s
+re-implementation of HFLM's ``_loglikelihood_tokens``: the same batches, forward passes and
+per-request arithmetic (so the same bits, see ``kbit/evaluation/batching.py``), with the
+log-softmax taken only on scored rows and no host sync per request. The settings that decide the
+bits on a given device: the batch size (fixed per model; ``auto`` searches once per model for the
+largest that lm-eval's own HFLM fits, so the command line can reproduce it), the model dtype, the
+log-softmax dtype (HFLM's ``softmax_dtype``, default: the model's dtype) and the task pooling of
+one ``evaluate`` call (above).
 
 FLOP convention: ``flops = 2 * P_matmul * T`` where ``P_matmul`` counts the weights of every
 linear layer (attention, MLP and the LM head; not the embedding lookups, biases or norms) and
@@ -54,7 +63,7 @@ import pandas as pd
 import torch
 import transformers
 
-from kbit.evaluation.batching import DEFAULT_CPU_BATCH_SIZE, ReusingHFLM, find_batch_size
+from kbit.evaluation.batching import ReusingHFLM, find_batch_size
 from kbit.evaluation.metrics import task_metrics
 from kbit.evaluation.progress import Progress
 from kbit.evaluation.records import samples_frame, write_parquet
@@ -117,11 +126,34 @@ def load_model(
     return model, tok
 
 
-def make_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> ReusingHFLM:
-    """lm-eval's HFLM around an in-memory model, with HFLM's defaults (see module docstring)."""
+#: log-softmax dtypes: "auto" is HFLM's default (the model's dtype)
+SOFTMAX_DTYPES = ("float32", "auto")
+
+
+def make_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batch_size: int,
+    softmax_dtype: str = "auto",
+    **options: Any,
+) -> ReusingHFLM:
+    """lm-eval's HFLM around an in-memory model, with HFLM's defaults (see module docstring).
+
+    ``softmax_dtype`` is HFLM's (``float32`` or ``auto``, the model's dtype: what the command
+    line does unless ``softmax_dtype=float32`` is in its ``--model_args``). ``options`` go to
+    :class:`ReusingHFLM` (``fast_scoring``, ``positions_only``).
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer (no 'auto')")
-    return ReusingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if softmax_dtype not in SOFTMAX_DTYPES:
+        raise ValueError(f"softmax_dtype={softmax_dtype!r}: allowed are {list(SOFTMAX_DTYPES)}")
+    return ReusingHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        softmax_dtype=None if softmax_dtype == "auto" else softmax_dtype,
+        **options,
+    )
 
 
 def choose_batch_size(
@@ -130,11 +162,13 @@ def choose_batch_size(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    softmax_dtype: str = "auto",
 ) -> dict[str, Any]:
-    """The batch size of one model (``requested`` integer, or ``auto``: search on CUDA).
+    """The batch size of one model (``requested`` integer, or ``auto``).
 
-    The search runs full-length sequences (the model's ``max_length``, what WikiText's rolling
-    windows use), so the result fits every task. Returns the JSON the evaluation jobs read.
+    ``auto`` sizes full-length sequences (the model's ``max_length``, what WikiText's rolling
+    windows use), so the result fits every task: a search on CUDA, the CPU default capped by the
+    host memory elsewhere. Returns the JSON the evaluation jobs read.
     """
     dev = resolve_device(device)
     info: dict[str, Any] = {"device": str(dev), "requested": requested}
@@ -142,12 +176,11 @@ def choose_batch_size(
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ValueError(f"batch_size={requested!r}: allowed are 'auto' or an integer >= 1")
         return info | {"batch_size": requested, "source": "config"}
-    if dev.type != "cuda":
-        return info | {"batch_size": DEFAULT_CPU_BATCH_SIZE, "source": "cpu default"}
     model, tok = load_model(model_dir, dtype, device, trust_remote_code)
-    max_length = make_lm(model, tok, 1).max_length
-    bs = find_batch_size(model, max_length, dev)
-    return info | {"batch_size": bs, "source": "search", "max_length": max_length}
+    lm = make_lm(model, tok, 1, softmax_dtype)
+    bs = find_batch_size(model, lm.max_length, dev, softmax_dtype=lm.softmax_dtype)
+    source = "search" if dev.type == "cuda" else "cpu default, memory-capped"
+    return info | {"batch_size": bs, "source": source, "max_length": lm.max_length}
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -323,7 +356,10 @@ def _sync(lm: ReusingHFLM) -> None:
 class PreparedTask:
     """One lm-eval task whose requests are built once and scored for many weight configs."""
 
-    def __init__(self, name: str, task: Any, limit: int | None) -> None:
+    def __init__(
+        self, name: str, task: Any, limit: int | None, lm: ReusingHFLM | None = None
+    ) -> None:
+        """Build the requests of the first ``limit`` documents; with ``lm``, tokenize them."""
         from lm_eval.evaluator_utils import get_sample_size
 
         self.name = name
@@ -335,6 +371,8 @@ class PreparedTask:
             self.by_doc[inst.doc_id].append(inst)
         for insts in self.by_doc.values():
             insts.sort(key=lambda x: x.idx)
+        if lm is not None:
+            lm.pretokenize(task.instances)
 
     def score(self, lm: ReusingHFLM) -> list[dict[str, Any]]:
         """Score every request with ``lm`` and return lm-eval-style logged samples."""
@@ -414,6 +452,7 @@ def run_metadata(
         "output_type": result.output_type,
         **versions(),
         "eval_dtype": str(lm.model.dtype).removeprefix("torch."),
+        "softmax_dtype": str(lm.softmax_dtype or lm.model.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "batch_size": int(lm.batch_size),
         "wall_time_s": float(result.wall_time_s),
@@ -453,6 +492,7 @@ def evaluate_one(
     limit: Limit = None,
     trust_remote_code: bool = False,
     quant_kwargs: Mapping[str, Any] | None = None,
+    softmax_dtype: str = "auto",
 ) -> pd.DataFrame:
     """One job: one (model, quant) on the task(s) of ``task_dict`` through lm-eval's evaluate.
 
@@ -468,7 +508,7 @@ def evaluate_one(
         summary = dict(load_artifact(artifact_dir, model)["summary"])
     else:
         summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
-    lm = make_lm(model, tok, batch_size)
+    lm = make_lm(model, tok, batch_size, softmax_dtype)
     n_mm = matmul_params(model)
     names = list(task_dict["tasks"])
     progress = Progress(len(names), label=f"{model_meta.get('model')}/{spec.id}")
@@ -494,6 +534,7 @@ def evaluate_specs(
     limit: Limit = None,
     trust_remote_code: bool = False,
     quant_kwargs: Mapping[str, Any] | None = None,
+    softmax_dtype: str = "auto",
 ) -> dict[tuple[str, str], Path]:
     """Many quantization configs of one model: load once, quantize in place, reuse requests.
 
@@ -517,7 +558,7 @@ def evaluate_specs(
     from kbit.model import WeightSnapshot
 
     original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
-    lm = make_lm(model, tok, batch_size)
+    lm = make_lm(model, tok, batch_size, softmax_dtype)
     n_mm = matmul_params(model)
     configure_like_cli(task_dict)
     prepared: dict[str, PreparedTask] = {}
@@ -532,7 +573,7 @@ def evaluate_specs(
         for name in todo[spec.id]:
             if name not in prepared:
                 task = task_dict["tasks"][name]
-                prepared[name] = PreparedTask(name, task, limit_for(limit, name))
+                prepared[name] = PreparedTask(name, task, limit_for(limit, name), lm)
             progress.label = f"{model_meta.get('model')}/{spec.id}"
             res = score_prepared(lm, prepared[name], progress)
             df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))

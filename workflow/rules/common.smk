@@ -58,7 +58,7 @@ def quantized_output(path):
 
 
 def eval_settings():
-    keys = ("dtype", "device", "limit", "task_limits")
+    keys = ("dtype", "softmax_dtype", "device", "limit", "task_limits")
     return {k: STUDY.config["eval"][k] for k in keys}
 
 

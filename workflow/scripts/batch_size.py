@@ -11,6 +11,7 @@ info = choose_batch_size(
     requested=snakemake.params.requested,
     dtype=settings.get("dtype", "auto"),
     device=settings.get("device", "auto"),
+    softmax_dtype=settings.get("softmax_dtype", "float32"),
 )
 write_batch_size(snakemake.output[0], info)
 log.info("batch size %s", info)

@@ -16,6 +16,7 @@ df = evaluate_one(
     artifact_dir=snakemake.input.get("artifact"),
     dtype=settings.get("dtype", "auto"),
     device=settings.get("device", "auto"),
+    softmax_dtype=settings.get("softmax_dtype", "float32"),
     batch_size=read_batch_size(snakemake.input.batch_size),
     limit=task_limits(settings, [task])[task],
     quant_kwargs=quant_options(snakemake.params.get("quantize")),

@@ -35,6 +35,7 @@ written = evaluate_specs(
     model_meta=meta,
     dtype=settings.get("dtype", "auto"),
     device=settings.get("device", "auto"),
+    softmax_dtype=settings.get("softmax_dtype", "float32"),
     batch_size=batch_size,
     limit=task_limits(settings, tasks),
     quant_kwargs=quant_kwargs,
