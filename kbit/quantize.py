@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from kbit import packing
+from kbit.accounting import extra_bits
 from kbit.codebooks import codebook_for, element_grid
 from kbit.spec import MICROSCALING_DTYPES, QuantSpec, SpecError
 
@@ -264,14 +265,7 @@ class QTensor:
     def bits(self) -> int:
         """Storage bits: codes, block constants and the per-tensor extras."""
         spec = self.spec
-        total = spec.bits * self.numel + spec.scale_bits * self.n_blocks
-        if spec.dtype == "quantile":
-            total += 16 * 2**spec.bits
-        if spec.center:
-            total += 16
-        if spec.dtype == "nvfp":
-            total += 32
-        return total
+        return spec.bits * self.numel + spec.scale_bits * self.n_blocks + extra_bits(spec)
 
     def unpacked_codes(self) -> torch.Tensor:
         """The codes as a 1-D uint8 tensor of ``numel`` entries."""
