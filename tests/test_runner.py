@@ -363,6 +363,37 @@ def test_fast_scoring_shared_rows_and_truncation(setup: dict) -> None:
     assert all(isinstance(x, float) and isinstance(g, bool) for x, g in a)
 
 
+def test_reused_plans_score_new_weights_like_a_fresh_plan(setup: dict, monkeypatch) -> None:
+    """Inside ``reuse_plans`` the second pass over the same requests plans nothing anew, and
+    after a weight change it scores exactly like an LM that plans from scratch; requests that
+    no longer match the cached plan are planned again."""
+    lm, fresh = _lm(setup), _lm(setup)
+    base = list(range(100, 160))
+    reqs = [(("k", str(i)), base[: 5 + 3 * i], base[5 + 3 * i : 8 + 3 * i]) for i in range(8)]
+    reqs.append((("k", "8"), base[:5], [*base[5:7], 3]))  # shares a row with request 0
+    planned = []
+    real_plan = lm._plan_batch
+    monkeypatch.setattr(lm, "_plan_batch", lambda *a: planned.append(1) or real_plan(*a))
+    with lm.reuse_plans("task"):
+        first = lm._loglikelihood_tokens(list(reqs))
+    n_first, tokens_first = len(planned), lm.forward_tokens
+    assert n_first > 1 and first == fresh._loglikelihood_tokens(list(reqs))
+    with torch.no_grad():
+        for model in (lm.model, fresh.model):
+            for p in model.parameters():
+                p.mul_(0.5)
+    with lm.reuse_plans("task"):
+        second = lm._loglikelihood_tokens(list(reqs))
+    assert len(planned) == n_first  # nothing planned again
+    assert lm.forward_tokens == 2 * tokens_first
+    assert second != first and second == fresh._loglikelihood_tokens(list(reqs))
+    with lm.reuse_plans("task"):  # other requests under the same scope: a new plan
+        third = lm._loglikelihood_tokens(list(reqs[:4]))
+    assert len(planned) > n_first and third == second[:4]
+    lm.clear_plans()
+    assert not lm._plans
+
+
 def test_pretokenize_equals_lazy_tokenization(setup: dict) -> None:
     tasks = build_task_dict(TASKS, setup["data"], setup["tmp"] / "tasks-tok")
     lm, fresh = _lm(setup), _lm(setup)

@@ -33,7 +33,10 @@ host (two syncs per request). The re-implementation keeps everything that decide
 
 What changes: batched index building on the host, one pinned asynchronous copy of all indices
 per batch, device-side gathers for all requests of a batch, and one transfer of all results at
-the end of each call (no host sync per request or per batch). Memory is the logits plus a bounded
+the end of each call (no host sync per request or per batch). Inside
+:meth:`ReusingHFLM.reuse_plans` (one prepared task scored for many weight configs) the batch
+plans, with their index arrays already on the device, are built once and reused, since they
+depend on the requests and the batch size only. Memory is the logits plus a bounded
 chunk of scored rows, less than HFLM's full log-softmax copy.
 
 ``positions_only=True`` (off by default, not exact) goes further and feeds only the scored
@@ -48,11 +51,14 @@ the CPU, where memory is rarely the limit and larger batches only add padding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +114,36 @@ def _one_token_group(req: tuple) -> list[int]:
     return req[-2] + req[-1][:-1]
 
 
+def _signature(requests: list) -> list[tuple[Any, int, int]]:
+    """What a cached plan must match: each request's key and token counts, in order."""
+    return [(key, len(ctx), len(cont)) for key, ctx, cont in requests]
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One forward batch on the device: input tokens and, per chunk of scored rows, the
+    indices (pos, gidx, gtok, eidx, etok, eseg) of ``ReusingHFLM._plan_batch``."""
+
+    tokens: torch.Tensor
+    chunks: list[tuple[torch.Tensor, ...]]
+    spans: list[int | None]
+    seg_off: list[int]
+    seg_len: list[int]
+
+
+@dataclass(eq=False)
+class _Plan:
+    """All batches of one request list, the results' original order, and their cache keys."""
+
+    signature: list[tuple[Any, int, int]]
+    batches: list[_Batch] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    n_rows: int = 0
+    n_tokens: int = 0
+    complete: bool = False
+
+
 class ReusingHFLM(HFLM):
     """``HFLM`` over an in-memory model that caches tokenization, counts tokens, scores fast.
 
@@ -137,6 +173,9 @@ class ReusingHFLM(HFLM):
         self._forward_s = 0.0
         self._forward_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._head_rows: torch.Tensor | None = None
+        self._plans: dict[tuple, _Plan] = {}
+        self._plan_scope: Hashable | None = None
+        self._plan_calls = 0
         self._head_hook: Any = None
         self.progress: Progress | None = None
 
@@ -233,6 +272,26 @@ class ReusingHFLM(HFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
     # ------------------------------------------------------------------ scoring
+    @contextlib.contextmanager
+    def reuse_plans(self, scope: Hashable) -> Iterator[None]:
+        """Within this block, batch plans are cached under ``scope`` and reused on later entries.
+
+        Use it around scoring a fixed request set (one prepared task) that is scored again for
+        other weights: the collation, batch layout and index arrays (already on the device) of
+        the n-th ``_loglikelihood_tokens`` call inside the block are kept and reused by the n-th
+        call of the next block with the same ``scope``. A cached plan is used only if the
+        requests have the same keys and token counts, and it never depends on the weights.
+        """
+        self._plan_scope, self._plan_calls = scope, 0
+        try:
+            yield
+        finally:
+            self._plan_scope = None
+
+    def clear_plans(self) -> None:
+        """Drop every cached batch plan (and the device memory its index arrays hold)."""
+        self._plans.clear()
+
     def _loglikelihood_tokens(
         self,
         requests: list,
@@ -242,21 +301,85 @@ class ReusingHFLM(HFLM):
         for key, ctx, cont in requests:
             if key is not None:
                 self.request_tokens[tuple(key)] = (len(ctx), len(cont))
-        # lm-eval runs one forward row per group of requests sharing context + cont[:-1]
+        if self.fast_scoring and self.backend == "causal" and self.batch_size != "auto":
+            return self._score_tokens(requests)
+        n_rows, n_tokens = self._forward_rows(requests)
+        self.forward_tokens += n_tokens
+        if self.progress is not None:
+            self.progress.add_rows(n_rows)
+        return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+    def _forward_rows(self, requests: list) -> tuple[int, int]:
+        """Forward rows lm-eval runs for ``requests`` and the unpadded tokens fed through them.
+
+        One row per group of requests sharing context + continuation[:-1] (``logits_cache``).
+        """
         if self.backend == "causal" and self.logits_cache:
             rows = {tuple(ctx + cont[:-1]) for _, ctx, cont in requests}
             lengths = [len(r) for r in rows]
         else:
             lengths = [len(ctx) + len(cont) - 1 for _, ctx, cont in requests]
-        self.forward_tokens += sum(min(n, self.max_length) for n in lengths)
-        if self.progress is not None:
-            self.progress.add_rows(len(lengths))
-        if self.fast_scoring and self.backend == "causal" and self.batch_size != "auto":
-            return self._score_tokens(requests)
-        return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+        return len(lengths), sum(min(n, self.max_length) for n in lengths)
 
     def _score_tokens(self, requests: list) -> list[tuple[float, bool]]:
         """HFLM's ``_loglikelihood_tokens`` for causal models, same bits, no per-request syncs."""
+        plan = self._cached_plan(requests)
+        if plan is None:
+            plan = _Plan(signature=_signature(requests))
+            plan.n_rows, plan.n_tokens = self._forward_rows(requests)
+            batches: Iterable[_Batch] = self._plan_batches(requests, plan)
+        else:
+            batches = plan.batches
+        self.forward_tokens += plan.n_tokens
+        if self.progress is not None:
+            self.progress.add_rows(plan.n_rows)
+        sums: list[torch.Tensor] = []
+        greedy: list[torch.Tensor] = []
+        for batch in batches:
+            s, g = self._run_batch(batch)
+            sums.append(s)
+            greedy.append(g)
+        self._store_plan(plan)
+        res: list[Any] = [None] * len(requests)
+        if not sums:
+            return res
+        lls = torch.cat(sums).tolist()
+        flags = torch.cat(greedy).tolist()
+        for idx, key, ll, flag in zip(plan.order, plan.keys, lls, flags, strict=True):
+            answer = (ll, flag)
+            res[idx] = answer
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        if any(r is None for r in res):
+            raise AssertionError("scoring left requests without a result")
+        return res
+
+    def _cached_plan(self, requests: list) -> _Plan | None:
+        if self._plan_scope is None:
+            return None
+        key = (self._plan_scope, self._plan_calls, self.batch_size, self.max_length)
+        self._plan_calls += 1
+        plan = self._plans.get(key)
+        if plan is not None and plan.signature != _signature(requests):
+            log.debug("cached batch plan %s no longer matches its requests; replanning", key)
+            del self._plans[key]
+            plan = None
+        return plan
+
+    def _store_plan(self, plan: _Plan) -> None:
+        if self._plan_scope is None or plan.complete:
+            return
+        plan.complete = True
+        key = (self._plan_scope, self._plan_calls - 1, self.batch_size, self.max_length)
+        self._plans[key] = plan
+
+    def _plan_batches(self, requests: list, plan: _Plan) -> Iterator[_Batch]:
+        """lm-eval's batches of ``requests``, planned and copied to the device one at a time.
+
+        Each batch is also appended to ``plan`` (with the request order and keys), so that a
+        later call over the same requests can reuse it; planning is lazy so that the first
+        forward pass starts as soon as its own indices are ready.
+        """
         from lm_eval.models.utils import Collator
 
         re_ord = Collator(
@@ -265,26 +388,15 @@ class ReusingHFLM(HFLM):
             group_by="contexts" if self.logits_cache else None,
             group_fn=_one_token_group,
         )
-        keys: list[Any] = []
-        sums: list[torch.Tensor] = []
-        greedy: list[torch.Tensor] = []
         for chunk in re_ord.get_batched(n=self.batch_size, batch_fn=None):
-            plan = self._plan_batch(chunk, re_ord)
-            keys.extend(plan["keys"])
-            s, g = self._run_batch(plan)
-            sums.append(s)
-            greedy.append(g)
-        if not sums:
-            return re_ord.get_original([])
-        lls = torch.cat(sums).tolist()
-        flags = torch.cat(greedy).tolist()
-        res = []
-        for key, ll, flag in zip(keys, lls, flags, strict=True):
-            answer = (ll, flag)
-            res.append(answer)
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, answer)
-        return re_ord.get_original(res)
+            host = self._plan_batch(chunk, re_ord)
+            plan.keys.extend(host["keys"])
+            batch = self._batch_on_device(host)
+            plan.batches.append(batch)
+            yield batch
+        plan.order = list(re_ord._reorder_indices)
+        if len(plan.order) != len(requests):
+            raise AssertionError(f"{len(plan.order)} results planned for {len(requests)} requests")
 
     def _plan_batch(self, chunk: list, re_ord: Any) -> dict[str, Any]:
         """Host-side indices of one batch: inputs, scored rows, gathers, greedy checks."""
@@ -345,6 +457,22 @@ class ReusingHFLM(HFLM):
             "seg_len": seg_len,
         }
 
+    def _batch_on_device(self, host: dict[str, Any]) -> _Batch:
+        """A planned batch with all its index arrays in one host-to-device copy."""
+        names = ("pos", "gidx", "gtok", "eidx", "etok", "eseg")
+        arrays = [host["tokens"]]
+        for ch in host["chunks"]:
+            arrays.extend(np.asarray(ch[k], dtype=np.int64) for k in names)
+        dev = self._to_device(arrays)
+        n = len(host["chunks"])
+        return _Batch(
+            tokens=dev[0],
+            chunks=[tuple(dev[1 + 6 * j : 7 + 6 * j]) for j in range(n)],
+            spans=[_span(ch["pos"]) for ch in host["chunks"]],
+            seg_off=host["seg_off"],
+            seg_len=host["seg_len"],
+        )
+
     def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """All index arrays in one (pinned, asynchronous on CUDA) host-to-device copy."""
         sizes = [a.size for a in arrays]
@@ -359,29 +487,23 @@ class ReusingHFLM(HFLM):
             at += n
         return out
 
-    def _run_batch(self, plan: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_batch(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward pass and scoring of one planned batch; results stay on the device."""
-        names = ("pos", "gidx", "gtok", "eidx", "etok", "eseg")
-        arrays = [plan["tokens"]]
-        for ch in plan["chunks"]:
-            arrays.extend(np.asarray(ch[k], dtype=np.int64) for k in names)
-        dev = self._to_device(arrays)
-        inps = dev[0]
-        spans = [_span(ch["pos"]) for ch in plan["chunks"]]
-        per_chunk = [dev[1 + 6 * j : 7 + 6 * j] for j in range(len(plan["chunks"]))]
         if self.positions_only:  # the LM head sees only the scored rows, in chunk order
-            self._head_rows = torch.cat([c[0] for c in per_chunk])
+            self._head_rows = torch.cat([c[0] for c in batch.chunks])
             self._install_head_hook()
         try:
-            logits = self._model_call(inps)
+            logits = self._model_call(batch.tokens)
         finally:
             self._head_rows = None
         flat = logits.reshape(-1, logits.shape[-1])
-        n_req = len(plan["keys"])
+        n_req = len(batch.seg_len)
         vals = []
         miss = torch.zeros(n_req, dtype=torch.int32, device=flat.device)
         done = 0
-        for (pos, gidx, gtok, eidx, etok, eseg), span in zip(per_chunk, spans, strict=True):
+        for (pos, gidx, gtok, eidx, etok, eseg), span in zip(
+            batch.chunks, batch.spans, strict=True
+        ):
             if self.positions_only:
                 rows = flat[done : done + pos.shape[0]]
                 done += pos.shape[0]
@@ -399,7 +521,7 @@ class ReusingHFLM(HFLM):
         sums = torch.stack(
             [
                 v.narrow(0, off, c).view(1, c).sum()
-                for off, c in zip(plan["seg_off"], plan["seg_len"], strict=True)
+                for off, c in zip(batch.seg_off, batch.seg_len, strict=True)
             ]
         )
         return sums, miss == 0
