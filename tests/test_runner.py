@@ -17,6 +17,7 @@ from kbit.evaluation.batching import (
     cpu_batch_size,
     find_batch_size,
     read_batch_size,
+    search_batch_size,
     write_batch_size,
 )
 from kbit.evaluation.metrics import task_metrics
@@ -152,6 +153,24 @@ def test_cpu_batch_size_is_capped_by_host_memory() -> None:
     assert cpu_batch_size(8192, 49152, 8, memory_bytes=256 * gib) == 8
     assert cpu_batch_size(8192, 49152, 8, memory_bytes=gib) == 1  # never below one
     assert cpu_batch_size(2048, 50304, 8, memory_bytes=24 * gib) == 8
+
+
+@pytest.mark.parametrize(
+    ("limit", "cap", "expected"),
+    [(37, 512, 32), (50, 512, 48), (64, 512, 64), (1000, 512, 512), (1000, 100, 64), (0, 512, 0)],
+)
+def test_batch_size_search_steps(limit: int, cap: int, expected: int) -> None:
+    """Powers of two, then quarter steps below the first that does not fit, never past the cap."""
+    probes: list[int] = []
+
+    def fits(bs: int) -> bool:
+        probes.append(bs)
+        return bs <= limit
+
+    assert search_batch_size(fits, cap) == expected
+    assert max(probes) <= max(cap, 1) and len(probes) <= 13
+    if limit == 50:
+        assert probes == [1, 2, 4, 8, 16, 32, 64, 40, 48, 56]
 
 
 def test_batch_size_on_cpu_and_json(tmp_path: Path) -> None:

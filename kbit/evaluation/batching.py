@@ -57,7 +57,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -600,23 +600,34 @@ def find_batch_size(
         log.info("batch %d x %d tokens: peak %.1f GiB", bs, max_length, peak / 2**30)
         return peak <= limit
 
-    best = 0
-    bs = 1
-    while bs <= max_batch_size and fits(bs):
-        best = bs
-        bs *= 2
+    best = search_batch_size(fits, max_batch_size)
     if best == 0:
         raise RuntimeError(
             f"a batch of 1 x {max_length} tokens does not fit on {device}; "
             "lower the model's max_length or use a larger device"
         )
+    log.info("batch size %d fits %d tokens on %s", best, max_length, device)
+    return best
+
+
+def search_batch_size(fits: Callable[[int], bool], max_batch_size: int = MAX_BATCH_SIZE) -> int:
+    """Largest batch size ``fits`` accepts (0 if not even 1), assuming larger ones fit less.
+
+    Powers of two first (1, 2, 4, ... up to ``max_batch_size``), then, if memory (not the cap)
+    stopped them, the gap to the next power in quarter steps: a few probes instead of a full
+    bisection, each of which costs a full-length forward pass.
+    """
+    best = 0
+    bs = 1
+    while bs <= max_batch_size and fits(bs):
+        best = bs
+        bs *= 2
     step = best // 4
     if step > 0 and bs <= max_batch_size:  # stopped by memory, not by max_batch_size
         for cand in (best + step, best + 2 * step, best + 3 * step):
             if not fits(cand):
                 break
             best = cand
-    log.info("batch size %d fits %d tokens on %s", best, max_length, device)
     return best
 
 
