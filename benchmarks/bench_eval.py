@@ -146,6 +146,7 @@ def batched_worker(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         limit=args.limit,
+        lm_options={"cuda_graphs": not args.no_graphs},
     )
 
 
@@ -271,7 +272,9 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         py, __file__, "--worker", "batched", "--model-dir", str(model_dir),
         "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
         "--batch-size", batch_size, "--device", args.device,
-    ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
+    ] + (["--limit", str(args.limit)] if args.limit else []) + (
+        ["--no-graphs"] if args.no_graphs else []
+    )  # fmt: skip
     ours_wall = run_timed(ours_cmd, work / f"ours-{size}.log", args.timeout)
 
     frames = {(q, t): pd.read_parquet(ours_out / q / f"{t}.parquet") for q in specs for t in TASKS}
@@ -352,7 +355,8 @@ def markdown(report: dict) -> str:
         f"Device: {report['device']}; peak fp16 matmul {report['peak_fp16_tflops']:.0f} TFLOP/s, "
         f"bf16 {report['peak_bf16_tflops']:.0f} TFLOP/s; at most {report['limit']} documents per "
         f"task; batch size {report['batch_size']} (per model below); specs {report['specs']} "
-        f"(the batched job evaluates all of them, the CLI fp16 only). Scoring = the specs' "
+        f"(the batched job evaluates all of them, the CLI fp16 only; CUDA graphs "
+        f"{'on' if report.get('cuda_graphs', True) else 'off'}). Scoring = the specs' "
         f"evaluation time without start-up, loading, request building and writing; 'first' is "
         f"the first spec (fp16: CUDA warm-up included), 'steady' the median of the later specs.",
         "",
@@ -412,6 +416,7 @@ def main() -> None:
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--device", default="cuda", help="cpu: a functional check, not a benchmark")
+    ap.add_argument("--no-graphs", action="store_true", help="batched job without CUDA graphs")
     ap.add_argument("--worker", choices=["batched", "find-batch", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--cli-out", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -446,6 +451,7 @@ def main() -> None:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "specs": args.specs,
+        "cuda_graphs": not args.no_graphs,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": [],
     }

@@ -36,7 +36,6 @@ ARCHS = ("gpt_neox", "opt", "gpt2", "bloom", "llama")
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
-FFN = 4 * HIDDEN
 EOS = "<|endoftext|>"
 
 _TOKENIZER_FOLDER = {
@@ -101,14 +100,14 @@ def tiny_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     return _load_tokenizer(_TOKENIZER_FOLDER[arch])
 
 
-def _config(arch: str, vocab: int, eos_id: int):
+def _config(arch: str, vocab: int, eos_id: int, hidden: int = HIDDEN, heads: int = HEADS):
     common = {"vocab_size": vocab, "bos_token_id": eos_id, "eos_token_id": eos_id}
     if arch == "gpt_neox":
         return GPTNeoXConfig(
-            hidden_size=HIDDEN,
+            hidden_size=hidden,
             num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
             max_position_embeddings=2048,
             rotary_pct=0.25,
             tie_word_embeddings=False,  # Pythia keeps a separate output matrix
@@ -116,26 +115,26 @@ def _config(arch: str, vocab: int, eos_id: int):
         )
     if arch == "opt":
         return OPTConfig(
-            hidden_size=HIDDEN,
+            hidden_size=hidden,
             num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            ffn_dim=FFN,
-            word_embed_proj_dim=HIDDEN,
+            num_attention_heads=heads,
+            ffn_dim=4 * hidden,
+            word_embed_proj_dim=hidden,
             max_position_embeddings=2048,
             pad_token_id=eos_id,
             **common,
         )
     if arch == "gpt2":
-        return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=1024, **common)
+        return GPT2Config(n_embd=hidden, n_layer=LAYERS, n_head=heads, n_positions=1024, **common)
     if arch == "bloom":
-        return BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **common)
+        return BloomConfig(hidden_size=hidden, n_layer=LAYERS, n_head=heads, **common)
     # llama: grouped-query attention (2 KV heads for 4 query heads), tied like SmolLM2
     return LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN + 32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
         num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         **common,
@@ -151,14 +150,17 @@ _MODEL_CLASS = {
 }
 
 
-def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(
+    arch: str, seed: int = 0, hidden: int = HIDDEN, heads: int = HEADS
+) -> PreTrainedModel:
     """A randomly initialised 2-block model of ``arch`` in float32, in eval mode.
 
     The same (arch, seed) always gives the same weights; the global RNG is left untouched.
+    ``hidden`` and ``heads`` widen it (GPU tests use real head sizes, which pick other kernels).
     """
     _check_arch(arch)
     tok = tiny_tokenizer(arch)
-    config = _config(arch, len(tok), tok.convert_tokens_to_ids(EOS))
+    config = _config(arch, len(tok), tok.convert_tokens_to_ids(EOS), hidden, heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASS[arch](config)

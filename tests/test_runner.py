@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from models import shared_data_dir, tiny_model_dir
+from models import ARCHS, shared_data_dir, tiny_model, tiny_model_dir, tiny_tokenizer
 
 from kbit.evaluation.batching import (
     DEFAULT_CPU_BATCH_SIZE,
@@ -353,7 +353,7 @@ def test_fast_scoring_equals_hflm_scoring(setup: dict) -> None:
     frames = {}
     for fast in (True, False):
         tasks = build_task_dict(names, setup["data"], setup["tmp"] / "tasks-fast")
-        lm = _lm(setup, fast_scoring=fast)
+        lm = _lm(setup, fast_scoring=fast, kv_cache=not fast)  # stock: HFLM's own model call
         res = evaluate_tasks(lm, tasks, limit={"wikitext": 1, **dict.fromkeys(names[:3], 5)})
         frames[fast] = {n: r.docs for n, r in res.items()}
         assert all(r.forward_tokens > 0 and r.forward_time_s > 0 for r in res.values())
@@ -361,10 +361,89 @@ def test_fast_scoring_equals_hflm_scoring(setup: dict) -> None:
         pd.testing.assert_frame_equal(frames[True][n], frames[False][n], check_exact=True)
 
 
+def _kv_cache_devices() -> list:
+    gpu = pytest.param("cuda", marks=pytest.mark.gpu)
+    return ["cpu", gpu] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", _kv_cache_devices())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_without_kv_cache_gives_the_same_logits(arch: str, device: str) -> None:
+    """ReusingHFLM's forward pass (``use_cache=False``) == HFLM's (``model(inps)``, which fills
+    a key/value cache), bit for bit; on CUDA with real head sizes in fp16, whose attention
+    kernels see the keys and values with other strides when no cache copies them."""
+    from kbit.evaluation.runner import make_lm
+
+    if device == "cuda":
+        model = tiny_model(arch, hidden=2048, heads=16).to("cuda", torch.float16)
+        shapes = [(64, 300), (8, 1024), (5, 37)]
+    else:
+        model = tiny_model(arch)
+        shapes = [(3, 37), (2, 130)]
+    tok = tiny_tokenizer(arch)
+    lm_skip = make_lm(model, tok, 4)
+    lm_hflm = make_lm(model, tok, 4, kv_cache=True)
+    gen = torch.Generator().manual_seed(0)
+    for b, n in shapes:
+        inps = torch.randint(0, model.config.vocab_size, (b, n), generator=gen).to(device)
+        a, ref = lm_skip._model_call(inps), lm_hflm._model_call(inps)
+        assert a.dtype == ref.dtype and torch.equal(a, ref), (arch, device, b, n)
+
+
+def _graph_requests(n_max: int) -> list:
+    gen = torch.Generator().manual_seed(1)
+    reqs = []
+    for i in range(40):
+        ctx = torch.randint(
+            10, 400, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen
+        )
+        cont = torch.randint(
+            10, 400, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen
+        )
+        reqs.append(((f"c{i}", f"x{i}"), ctx.tolist(), cont.tolist()))
+    base = list(range(100, 140))
+    reqs += [
+        (("a", "1"), base[:30], base[30:35]),
+        (("b", "2"), base[:30], [*base[30:34], 7]),  # shares a forward row with "a"
+        ((None, None), [1], list(range(300, 300 + n_max))),  # a full rolling window
+    ]
+    return reqs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_graph_replay_scores_like_eager(arch: str) -> None:
+    """Batches replayed as CUDA graphs give HFLM's numbers bit for bit: on capture, on later
+    replays, after the weights change in place, and after a parameter is replaced."""
+    from kbit.evaluation.runner import make_lm
+
+    model = tiny_model(arch, hidden=1024, heads=8).to("cuda", torch.float16)
+    tok = tiny_tokenizer(arch)
+    graphed = make_lm(model, tok, 7)
+    stock = make_lm(model, tok, 7, fast_scoring=False, kv_cache=True, cuda_graphs=False)
+    reqs = _graph_requests(graphed.max_length)
+    for step in ("capture", "replay", "in-place", "replaced"):
+        if step == "in-place":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.75)
+        elif step == "replaced":
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach() * 1.5)
+        with graphed.reuse_plans("task"):
+            got = graphed._loglikelihood_tokens(list(reqs))
+        want = stock._loglikelihood_tokens(list(reqs))
+        assert got == want, (arch, step)
+        graphs = [b.graph for p in graphed._plans.values() for b in p.batches]
+        assert graphed.cuda_graphs and graphs and all(g is not None for g in graphs), step
+    assert graphed.forward_time_s > 0
+
+
 def test_fast_scoring_shared_rows_and_truncation(setup: dict) -> None:
     """Requests sharing one forward row (same context + continuation[:-1], also with another
     split between context and continuation) and over-long requests score as in HFLM."""
-    fast, stock = _lm(setup), _lm(setup, fast_scoring=False)
+    fast, stock = _lm(setup), _lm(setup, fast_scoring=False, kv_cache=True)
     n = fast.max_length
     base = list(range(100, 140))
     reqs = [

@@ -129,6 +129,11 @@ class _Batch:
     spans: list[int | None]
     seg_off: list[int]
     seg_len: list[int]
+    #: the batch's forward pass and scoring captured as a CUDA graph, its outputs, and the
+    #: addresses of the weights it was captured with (see ReusingHFLM.cuda_graphs)
+    graph: Any = None
+    graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
+    graph_weights: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -152,6 +157,25 @@ class ReusingHFLM(HFLM):
     tokenization stays valid because it depends on the tokenizer only. ``fast_scoring=False``
     runs HFLM's own ``_loglikelihood_tokens``; ``positions_only=True`` is the inexact LM-head
     shortcut described in the module docstring.
+
+    ``cuda_graphs=True`` (the default; CUDA only, inside :meth:`reuse_plans`): each planned
+    batch's forward pass and scoring are captured once as a CUDA graph and replayed for every
+    later weight config, instead of issuing its few hundred kernels from Python again. Short
+    requests (PIQA, Winogrande, HellaSwag) made a 1.4B-parameter model on an H100 wait for the
+    host about half of the time. Replay runs the captured kernels on the same inputs, so the
+    numbers do not change (``tests/test_runner.py -m gpu``). Weights are changed in place
+    between configs, which a graph sees; a batch is captured again if any parameter or buffer
+    has moved (e.g. untied). A model whose forward pass cannot be captured (it syncs with the
+    host) is scored eagerly, with one warning. With graphs, the forward time of a batch also
+    covers its scoring kernels (a few percent).
+
+    ``kv_cache=False`` (the default) runs causal forward passes with ``use_cache=False``. HFLM
+    calls ``model(inps)``, which for most architectures builds a key/value cache nobody reads
+    (scoring is one forward pass per batch): every layer copies its keys and values into it
+    (``torch.cat`` onto an empty tensor) and all of them stay allocated until the pass ends.
+    The attention sees the same keys and values either way, so the logits are the same bits;
+    ``tests/test_runner.py`` checks that on every architecture (and on CUDA with
+    ``-m gpu``). ``kv_cache=True`` calls the model exactly as HFLM does.
     """
 
     def __init__(
@@ -159,11 +183,18 @@ class ReusingHFLM(HFLM):
         *args: Any,
         fast_scoring: bool = True,
         positions_only: bool = False,
+        kv_cache: bool = False,
+        cuda_graphs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.fast_scoring = fast_scoring
         self.positions_only = positions_only
+        self.kv_cache = kv_cache
+        self.cuda_graphs = cuda_graphs
+        self._graph_pool: Any = None
+        self._graph_stream: torch.cuda.Stream | None = None
+        self._capturing = False
         self._pair_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self._tok_cache: dict[tuple[str, bool | None], list[int]] = {}
         #: (context, continuation) or ("", text) for rolling -> (context tokens, scored tokens)
@@ -335,8 +366,13 @@ class ReusingHFLM(HFLM):
             self.progress.add_rows(plan.n_rows)
         sums: list[torch.Tensor] = []
         greedy: list[torch.Tensor] = []
+        graphs = self._graphs_usable()
+        weights = self._weight_addresses() if graphs else None
         for batch in batches:
-            s, g = self._run_batch(batch)
+            if graphs and self._graphs_usable():
+                s, g = self._replay(batch, weights)
+            else:
+                s, g = self._run_batch(batch)
             sums.append(s)
             greedy.append(g)
         self._store_plan(plan)
@@ -526,6 +562,63 @@ class ReusingHFLM(HFLM):
         )
         return sums, miss == 0
 
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graphs_usable(self) -> bool:
+        """Graphs pay off only for plans that are kept and replayed (inside reuse_plans)."""
+        return self.cuda_graphs and self.device.type == "cuda" and self._plan_scope is not None
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        """Where every parameter and buffer lives: a captured graph reads these addresses."""
+        tensors = [*self.model.parameters(remove_duplicate=False), *self.model.buffers()]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def _replay(self, batch: _Batch, weights: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """``_run_batch`` through the batch's CUDA graph (captured first if needed)."""
+        if batch.graph is None or batch.graph_weights != weights:
+            batch.graph, batch.graph_out = None, None
+            try:
+                self._capture(batch)
+            except Exception as exc:  # any capture failure: score eagerly
+                torch.cuda.synchronize(self.device)
+                batch.graph, batch.graph_out = None, None
+                self.cuda_graphs = False
+                log.warning("CUDA graph capture failed (%s); scoring without graphs", exc)
+                return self._run_batch(batch)
+            batch.graph_weights = weights
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        batch.graph.replay()
+        end.record()
+        self._forward_events.append((start, end))
+        if self.progress is not None:
+            self.progress.tick(int(batch.tokens.shape[0]))
+        sums, ok = batch.graph_out
+        return sums.clone(), ok.clone()
+
+    def _capture(self, batch: _Batch) -> None:
+        if self._graph_stream is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graph_stream = torch.cuda.Stream(self.device)
+            # warm-up on the capture stream: lazily created handles and workspaces must exist
+            # before capture (PyTorch's recipe); its results are discarded
+            self._graph_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._capturing = True
+            try:
+                with torch.cuda.stream(self._graph_stream):
+                    self._run_batch(batch)
+            finally:
+                self._capturing = False
+            torch.cuda.current_stream(self.device).wait_stream(self._graph_stream)
+        graph = torch.cuda.CUDAGraph()
+        self._capturing = True
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._graph_stream):
+                out = self._run_batch(batch)
+        finally:
+            self._capturing = False
+        batch.graph, batch.graph_out = graph, out
+
     def _install_head_hook(self) -> None:
         if self._head_hook is not None:
             return
@@ -540,20 +633,33 @@ class ReusingHFLM(HFLM):
         self._head_hook = head.register_forward_pre_hook(keep_rows)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        if self._capturing:  # timed and counted when the graph is replayed
+            return self._forward(inps, attn_mask, labels)
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            out = self._forward(inps, attn_mask, labels)
             end.record()
             self._forward_events.append((start, end))
         else:
             t0 = time.perf_counter()
-            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            out = self._forward(inps, attn_mask, labels)
             self._forward_s += time.perf_counter() - t0
         if self.progress is not None:
             self.progress.tick(int(inps.shape[0]))
         return out
+
+    def _forward(self, inps: torch.Tensor, attn_mask: Any, labels: Any) -> torch.Tensor:
+        """HFLM's model call; for causal scoring without the unused key/value cache."""
+        if self.kv_cache or attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        amp = self.mixed_precision_dtype
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=self.device.type, dtype=amp, enabled=amp is not None),
+        ):
+            return self.model(inps, use_cache=False).logits
 
 
 def find_batch_size(

@@ -146,7 +146,7 @@ def make_lm(
 
     ``softmax_dtype`` is HFLM's (``float32`` or ``auto``, the model's dtype: what the command
     line does unless ``softmax_dtype=float32`` is in its ``--model_args``). ``options`` go to
-    :class:`ReusingHFLM` (``fast_scoring``, ``positions_only``).
+    :class:`ReusingHFLM` (``fast_scoring``, ``positions_only``, ``kv_cache``, ``cuda_graphs``).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer (no 'auto')")
@@ -548,6 +548,7 @@ def evaluate_specs(
     trust_remote_code: bool = False,
     quant_kwargs: Mapping[str, Any] | None = None,
     softmax_dtype: str = "auto",
+    lm_options: Mapping[str, Any] | None = None,
 ) -> dict[tuple[str, str], Path]:
     """Many quantization configs of one model: load once, quantize in place, reuse requests.
 
@@ -555,6 +556,7 @@ def evaluate_specs(
     are skipped (the run is resumable); a spec with nothing left to do is not even quantized.
     The original weights are restored before each spec, so the order of specs does not matter
     and every file equals what :func:`evaluate_one` writes for that (quant, task).
+    ``lm_options`` go to :class:`ReusingHFLM` (e.g. ``cuda_graphs=False``).
     """
     _check_tasks(task_dict)
     parsed = [QuantSpec.parse(s) for s in specs]
@@ -571,7 +573,7 @@ def evaluate_specs(
     from kbit.model import WeightSnapshot
 
     original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
-    lm = make_lm(model, tok, batch_size, softmax_dtype)
+    lm = make_lm(model, tok, batch_size, softmax_dtype, **dict(lm_options or {}))
     n_mm = matmul_params(model)
     configure_like_cli(task_dict)
     prepared: dict[str, PreparedTask] = {}

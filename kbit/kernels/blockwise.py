@@ -55,6 +55,13 @@ class KernelConfig:
     selects instead of table gathers; ``search_step``: tree levels resolved per vector load
     after those (1 = one gather per level). ``flat_groups`` / ``dequant_groups``: groups of 8
     values per program in the two-pass and dequantize kernels.
+
+    ``mid_launch``: (smallest block, largest block, tile, values per thread) overriding
+    ``tile`` / ``per_thread`` for fused fake quantization through ``bucket-mid`` (the 8-bit
+    default). Its three dependent table reads per value keep more of them in flight with 32
+    values per thread (and 2-4 warps per program); on an H100 that lifts nf8 at B = 1024 from
+    69% to 74% of copy and every 8-bit type at B = 128..2048 to >= 71%, and loses at B = 64
+    (benchmarks/kernels_notes.md, "v5").
     """
 
     tile: int = 2048
@@ -72,6 +79,10 @@ class KernelConfig:
     dequant_warps: int = 4
     max_fused_block: int = 4096
     absmax_chunk: int = 4096
+    mid_launch: tuple[tuple[int, int, int, int], ...] = (
+        (128, 256, 4096, 32),
+        (512, 2048, 2048, 32),
+    )
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -385,6 +396,15 @@ def _search_args(cb: torch.Tensor, device: torch.device, cfg: KernelConfig, pack
     return dict(fake=bt.fake, hi=bt.hi, pack=bt.pack, mids=bt.mids, cb=bt.cb, kw=kw)
 
 
+def _fake_launch(cfg: KernelConfig, block: int, search: int | None) -> tuple[int, int]:
+    """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch``)."""
+    if search == _SEARCH_MODES["bucket-mid"]:
+        for lo, hi, tile, per_thread in cfg.mid_launch:
+            if lo <= block <= hi:
+                return tile, per_thread
+    return cfg.tile, cfg.per_thread
+
+
 def _run(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -420,7 +440,8 @@ def _run(
     kp = _pow2(k)
     if _use_fused(block_size, pack, cfg):
         bp = _pow2(block)
-        rows = max(1, (cfg.pack_tile if pack else cfg.tile) // bp)
+        tile, per_thread = _fake_launch(cfg, block, skw.get("SEARCH"))
+        rows = max(1, (cfg.pack_tile if pack else tile) // bp)
         masked = bp != block or n % (rows * block) != 0
         grid = (-(-nblocks // rows),)
         if not pack:
@@ -428,7 +449,7 @@ def _run(
                 x, out, tree, rec, sa["fake"], sa["hi"], sa["mids"], cb, n,
                 B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step, **skw,
                 SCALE_DT=sdt, FASTDIV=fast_div,
-                MASKED=masked, num_warps=_warps(rows * bp, cfg.per_thread),
+                MASKED=masked, num_warps=_warps(rows * bp, per_thread),
             )  # fmt: skip
             return out, None
         scales = torch.empty(nblocks, dtype=scale_dtype, device=x.device)
