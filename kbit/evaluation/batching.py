@@ -569,8 +569,11 @@ class ReusingHFLM(HFLM):
 
     def _weight_addresses(self) -> tuple[int, ...]:
         """Where every parameter and buffer lives: a captured graph reads these addresses."""
-        tensors = [*self.model.parameters(remove_duplicate=False), *self.model.buffers()]
-        return tuple(t.data_ptr() for t in tensors)
+        named = [
+            *self.model.named_parameters(remove_duplicate=False),
+            *self.model.named_buffers(remove_duplicate=False),
+        ]
+        return tuple(t.data_ptr() for _, t in named)
 
     def _replay(self, batch: _Batch, weights: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """``_run_batch`` through the batch's CUDA graph (captured first if needed)."""
