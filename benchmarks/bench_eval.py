@@ -146,7 +146,7 @@ def batched_worker(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         limit=args.limit,
-        lm_options={"cuda_graphs": not args.no_graphs},
+        lm_options={"cuda_graphs": args.graphs},
     )
 
 
@@ -273,7 +273,7 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
         "--batch-size", batch_size, "--device", args.device,
     ] + (["--limit", str(args.limit)] if args.limit else []) + (
-        ["--no-graphs"] if args.no_graphs else []
+        ["--graphs"] if args.graphs else []
     )  # fmt: skip
     ours_wall = run_timed(ours_cmd, work / f"ours-{size}.log", args.timeout)
 
@@ -356,7 +356,7 @@ def markdown(report: dict) -> str:
         f"bf16 {report['peak_bf16_tflops']:.0f} TFLOP/s; at most {report['limit']} documents per "
         f"task; batch size {report['batch_size']} (per model below); specs {report['specs']} "
         f"(the batched job evaluates all of them, the CLI fp16 only; CUDA graphs "
-        f"{'on' if report.get('cuda_graphs', True) else 'off'}). Scoring = the specs' "
+        f"{'on' if report.get('cuda_graphs') else 'off'}). Scoring = the specs' "
         f"evaluation time without start-up, loading, request building and writing; 'first' is "
         f"the first spec (fp16: CUDA warm-up included), 'steady' the median of the later specs.",
         "",
@@ -416,7 +416,9 @@ def main() -> None:
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--device", default="cuda", help="cpu: a functional check, not a benchmark")
-    ap.add_argument("--no-graphs", action="store_true", help="batched job without CUDA graphs")
+    ap.add_argument(
+        "--graphs", action="store_true", help="batched job with cuda_graphs=True (not exact)"
+    )
     ap.add_argument("--worker", choices=["batched", "find-batch", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--cli-out", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -451,7 +453,7 @@ def main() -> None:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "specs": args.specs,
-        "cuda_graphs": not args.no_graphs,
+        "cuda_graphs": args.graphs,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": [],
     }

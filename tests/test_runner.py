@@ -390,22 +390,19 @@ def test_forward_without_kv_cache_gives_the_same_logits(arch: str, device: str) 
         assert a.dtype == ref.dtype and torch.equal(a, ref), (arch, device, b, n)
 
 
-def _graph_requests(n_max: int) -> list:
+def _graph_requests(n_max: int, vocab: int) -> list:
     gen = torch.Generator().manual_seed(1)
-    reqs = []
-    for i in range(40):
-        ctx = torch.randint(
-            10, 400, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen
-        )
-        cont = torch.randint(
-            10, 400, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen
-        )
-        reqs.append(((f"c{i}", f"x{i}"), ctx.tolist(), cont.tolist()))
+
+    def toks(lo: int, hi: int) -> list[int]:
+        n = int(torch.randint(lo, hi, (1,), generator=gen))
+        return torch.randint(10, min(400, vocab), (n,), generator=gen).tolist()
+
+    reqs = [((f"c{i}", f"x{i}"), toks(1, 60), toks(1, 6)) for i in range(40)]
     base = list(range(100, 140))
     reqs += [
         (("a", "1"), base[:30], base[30:35]),
         (("b", "2"), base[:30], [*base[30:34], 7]),  # shares a forward row with "a"
-        ((None, None), [1], list(range(300, 300 + n_max))),  # a full rolling window
+        ((None, None), [1], [t % vocab for t in range(300, 300 + n_max)]),  # a rolling window
     ]
     return reqs
 
@@ -414,15 +411,17 @@ def _graph_requests(n_max: int) -> list:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_graph_replay_scores_like_eager(arch: str) -> None:
-    """Batches replayed as CUDA graphs give HFLM's numbers bit for bit: on capture, on later
-    replays, after the weights change in place, and after a parameter is replaced."""
+    """Batches replayed as CUDA graphs (``cuda_graphs=True``) give HFLM's numbers on these
+    small models bit for bit: on capture, on later replays, after the weights change in place,
+    and after a parameter is replaced (graphs are captured again). Not a guarantee for larger
+    models (see ReusingHFLM: the 1.4B benchmark model differs in the last bits)."""
     from kbit.evaluation.runner import make_lm
 
     model = tiny_model(arch, hidden=1024, heads=8).to("cuda", torch.float16)
     tok = tiny_tokenizer(arch)
-    graphed = make_lm(model, tok, 7)
+    graphed = make_lm(model, tok, 7, cuda_graphs=True)
     stock = make_lm(model, tok, 7, fast_scoring=False, kv_cache=True, cuda_graphs=False)
-    reqs = _graph_requests(graphed.max_length)
+    reqs = _graph_requests(graphed.max_length, model.config.vocab_size)
     for step in ("capture", "replay", "in-place", "replaced"):
         if step == "in-place":
             with torch.no_grad():
