@@ -146,7 +146,6 @@ class _Plan:
     order: list[int] = field(default_factory=list)
     n_rows: int = 0
     n_tokens: int = 0
-    complete: bool = False
 
 
 class ReusingHFLM(HFLM):
@@ -356,7 +355,8 @@ class ReusingHFLM(HFLM):
 
     def _score_tokens(self, requests: list) -> list[tuple[float, bool]]:
         """HFLM's ``_loglikelihood_tokens`` for causal models, same bits, no per-request syncs."""
-        plan = self._cached_plan(requests)
+        key, plan = self._cached_plan(requests)
+        fresh = plan is None
         if plan is None:
             plan = _Plan(signature=_signature(requests))
             plan.n_rows, plan.n_tokens = self._forward_rows(requests)
@@ -371,13 +371,14 @@ class ReusingHFLM(HFLM):
         graphs = self._graphs_usable()
         weights = self._weight_addresses() if graphs else None
         for batch in batches:
-            if graphs and self._graphs_usable():
+            if graphs and self.cuda_graphs:  # off after a failed capture
                 s, g = self._replay(batch, weights)
             else:
                 s, g = self._run_batch(batch)
             sums.append(s)
             greedy.append(g)
-        self._store_plan(plan)
+        if fresh and key is not None:  # complete now: later calls in this scope reuse it
+            self._plans[key] = plan
         res: list[Any] = [None] * len(requests)
         if not sums:
             return res
@@ -392,9 +393,10 @@ class ReusingHFLM(HFLM):
             raise AssertionError("scoring left requests without a result")
         return res
 
-    def _cached_plan(self, requests: list) -> _Plan | None:
+    def _cached_plan(self, requests: list) -> tuple[tuple | None, _Plan | None]:
+        """This call's plan key (None outside reuse_plans) and its cached plan, if it matches."""
         if self._plan_scope is None:
-            return None
+            return None, None
         key = (self._plan_scope, self._plan_calls, self.batch_size, self.max_length)
         self._plan_calls += 1
         plan = self._plans.get(key)
@@ -402,14 +404,7 @@ class ReusingHFLM(HFLM):
             log.debug("cached batch plan %s no longer matches its requests; replanning", key)
             del self._plans[key]
             plan = None
-        return plan
-
-    def _store_plan(self, plan: _Plan) -> None:
-        if self._plan_scope is None or plan.complete:
-            return
-        plan.complete = True
-        key = (self._plan_scope, self._plan_calls - 1, self.batch_size, self.max_length)
-        self._plans[key] = plan
+        return key, plan
 
     def _plan_batches(self, requests: list, plan: _Plan) -> Iterator[_Batch]:
         """lm-eval's batches of ``requests``, planned and copied to the device one at a time.
@@ -585,7 +580,6 @@ class ReusingHFLM(HFLM):
                 self._capture(batch)
             except Exception as exc:  # any capture failure: score eagerly
                 torch.cuda.synchronize(self.device)
-                batch.graph, batch.graph_out = None, None
                 self.cuda_graphs = False
                 log.warning("CUDA graph capture failed (%s); scoring without graphs", exc)
                 return self._run_batch(batch)
@@ -608,21 +602,25 @@ class ReusingHFLM(HFLM):
             # warm-up on the capture stream: lazily created handles and workspaces must exist
             # before capture (PyTorch's recipe); its results are discarded
             self._graph_stream.wait_stream(torch.cuda.current_stream(self.device))
-            self._capturing = True
-            try:
-                with torch.cuda.stream(self._graph_stream):
-                    self._run_batch(batch)
-            finally:
-                self._capturing = False
+            with self._untimed(), torch.cuda.stream(self._graph_stream):
+                self._run_batch(batch)
             torch.cuda.current_stream(self.device).wait_stream(self._graph_stream)
         graph = torch.cuda.CUDAGraph()
+        with (
+            self._untimed(),
+            torch.cuda.graph(graph, pool=self._graph_pool, stream=self._graph_stream),
+        ):
+            out = self._run_batch(batch)
+        batch.graph, batch.graph_out = graph, out
+
+    @contextlib.contextmanager
+    def _untimed(self) -> Iterator[None]:
+        """Forward passes inside are neither timed nor counted (graph warm-up and capture)."""
         self._capturing = True
         try:
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._graph_stream):
-                out = self._run_batch(batch)
+            yield
         finally:
             self._capturing = False
-        batch.graph, batch.graph_out = graph, out
 
     def _install_head_hook(self) -> None:
         if self._head_hook is not None:
