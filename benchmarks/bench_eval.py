@@ -25,7 +25,7 @@ log-likelihoods and greedy flags with the CLI's logged samples.
 Usage::
 
     python benchmarks/bench_eval.py --data DIR --out DIR [--models 160m,1.4b] [--limit N]
-        [--batch-size auto|N] [--specs fp16,int4-b64,...] [--no-check]
+        [--batch-size auto|N] [--specs fp16,int4-b64,...] [--modes graphs,eager] [--no-check]
 
 ``--data`` holds ``eval/`` (the original task files) and ``tokenizers/gpt-neox-20b/``.
 """
@@ -56,9 +56,9 @@ PYTHIA = {
 }
 
 
-def build_model(size: str, tokenizer_dir: Path, out: Path) -> tuple[Path, int]:
-    """A random-weight GPT-NeoX with Pythia's shapes, saved (fp16, safetensors) with a tokenizer."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+def random_pythia(size: str) -> torch.nn.Module:
+    """A random-weight fp16 GPT-NeoX with Pythia's shapes (seed 0), on the GPU if there is one."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     shape = PYTHIA[size]
     config = GPTNeoXConfig(
@@ -75,7 +75,14 @@ def build_model(size: str, tokenizer_dir: Path, out: Path) -> tuple[Path, int]:
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = GPTNeoXForCausalLM(config).to(torch.float16)
+        return GPTNeoXForCausalLM(config).to(torch.float16)
+
+
+def build_model(size: str, tokenizer_dir: Path, out: Path) -> tuple[Path, int]:
+    """``random_pythia(size)`` saved (fp16, safetensors) with the tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = random_pythia(size)
     model.save_pretrained(out, safe_serialization=True)
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_dir / "20B_tokenizer.json"),
@@ -146,7 +153,7 @@ def batched_worker(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         limit=args.limit,
-        lm_options={"cuda_graphs": args.graphs},
+        lm_options={"cuda_graphs": args.graphs == "on"},
     )
 
 
@@ -267,28 +274,6 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         "--batch_size", batch_size, "--log_samples", "--output_path", str(cli_out),
     ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
     cli_wall = run_timed(cli_cmd, work / f"cli-{size}.log", args.timeout, done=cli_out)
-    ours_out = work / f"ours-{size}"
-    ours_cmd = [
-        py, __file__, "--worker", "batched", "--model-dir", str(model_dir),
-        "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
-        "--batch-size", batch_size, "--device", args.device,
-    ] + (["--limit", str(args.limit)] if args.limit else []) + (
-        ["--graphs"] if args.graphs else []
-    )  # fmt: skip
-    ours_wall = run_timed(ours_cmd, work / f"ours-{size}.log", args.timeout)
-
-    frames = {(q, t): pd.read_parquet(ours_out / q / f"{t}.parquet") for q in specs for t in TASKS}
-    fp = [frames[("fp16", t)] for t in TASKS]
-    spec_scoring = {
-        q: sum(float(frames[(q, t)]["wall_time_s"].iloc[0]) for t in TASKS) for q in specs
-    }
-    spec_forward = {
-        q: sum(float(frames[(q, t)]["forward_time_s"].iloc[0]) for t in TASKS) for q in specs
-    }
-    later = sorted(spec_scoring[q] for q in specs[1:]) or [spec_scoring[specs[0]]]
-    steady_s = later[len(later) // 2]
-    later_fwd = sorted(spec_forward[q] for q in specs[1:]) or [spec_forward[specs[0]]]
-    steady_fwd = later_fwd[len(later_fwd) // 2]
     check = None
     if args.check:
         check_file = work / f"check-{size}.json"
@@ -302,33 +287,93 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
             check = json.loads(check_file.read_text())
         except Exception as exc:  # the timing results stand without the check
             check = {"error": str(exc)[-2000:]}
-        check["batched_fp16_vs_cli"] = compare_docs(
-            {t: f for t, f in zip(TASKS, fp, strict=True)}, _cli_samples(cli_out)
+    cli = cli_results(cli_out)
+    entries = []
+    by_mode = {}
+    for mode in args.modes.split(","):
+        ours_out = work / f"ours-{size}-{mode}"
+        ours_log = work / f"ours-{size}-{mode}.log"
+        ours_cmd = [
+            py, __file__, "--worker", "batched", "--model-dir", str(model_dir),
+            "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
+            "--batch-size", batch_size, "--device", args.device,
+            "--graphs", "on" if mode == "graphs" else "off",
+        ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
+        ours_wall = run_timed(ours_cmd, ours_log, args.timeout)
+        frames = {
+            (q, t): pd.read_parquet(ours_out / q / f"{t}.parquet") for q in specs for t in TASKS
+        }
+        by_mode[mode] = frames
+        entry = _timings(frames, specs, peak, ours_wall)
+        fp = [frames[("fp16", t)] for t in TASKS]
+        fidelity = None
+        if args.check:
+            fidelity = dict(check or {})
+            fidelity["batched_fp16_vs_cli"] = compare_docs(
+                {t: f for t, f in zip(TASKS, fp, strict=True)}, _cli_samples(cli_out)
+            )
+        agree = {}
+        for t, f in zip(TASKS, fp, strict=True):
+            mine = task_metrics(f)
+            agree[t] = {m: [mine[m], cli[t].get(m)] for m in mine}
+        entries.append(
+            {
+                "model": f"pythia-{size} (random weights)",
+                "mode": mode,
+                "graphs_turned_off": "CUDA graphs off" in ours_log.read_text(),
+                "n_params": n_params,
+                "batch_size": int(batch_size),
+                "batch_size_search": bs_info,
+                "n_docs": {t: len(f) for t, f in zip(TASKS, fp, strict=True)},
+                "lm_eval_cli_s": cli_wall,
+                "ratio_vs_cli": entry["batched_per_spec_s"] / cli_wall,
+                **entry,
+                "fp16_metrics_ours_vs_cli": agree,
+                "fidelity_vs_cli": fidelity,
+            }
         )
+    if {"graphs", "eager"} <= set(by_mode):  # replays (the later specs) against eager scoring
+        same = _same_docs(by_mode["graphs"], by_mode["eager"])
+        for e in entries:
+            e["graphs_vs_eager_all_specs"] = same
+    return entries
+
+
+def _same_docs(a: dict, b: dict) -> dict:
+    """Documents of every (spec, task) whose log-likelihoods or greedy flags differ."""
+    n, differ = 0, 0
+    for key, fa in a.items():
+        fb = b[key]
+        for ra, rb in zip(fa.itertuples(), fb.itertuples(), strict=True):
+            n += 1
+            differ += (list(ra.ll), list(ra.is_greedy)) != (list(rb.ll), list(rb.is_greedy))
+    return {"docs": n, "docs_differ": differ}
+
+
+def _timings(frames: dict, specs: list[str], peak: float, ours_wall: float) -> dict:
+    """Per-spec scoring and forward times of one batched run, against the FLOP limit."""
+    fp = [frames[("fp16", t)] for t in TASKS]
+    spec_scoring = {
+        q: sum(float(frames[(q, t)]["wall_time_s"].iloc[0]) for t in TASKS) for q in specs
+    }
+    spec_forward = {
+        q: sum(float(frames[(q, t)]["forward_time_s"].iloc[0]) for t in TASKS) for q in specs
+    }
+    later = sorted(spec_scoring[q] for q in specs[1:]) or [spec_scoring[specs[0]]]
+    steady_s = later[len(later) // 2]
+    later_fwd = sorted(spec_forward[q] for q in specs[1:]) or [spec_forward[specs[0]]]
+    steady_fwd = later_fwd[len(later_fwd) // 2]
     flops = sum(float(f["flops"].iloc[0]) for f in fp)
-    tokens = sum(int(f["task_n_tokens"].iloc[0]) for f in fp)
     score_s = sum(float(f["wall_time_s"].iloc[0]) for f in fp)
     forward_s = sum(float(f["forward_time_s"].iloc[0]) for f in fp)
-    cli = cli_results(cli_out)
-    agree = {}
-    for t, f in zip(TASKS, fp, strict=True):
-        mine = task_metrics(f)
-        agree[t] = {m: [mine[m], cli[t].get(m)] for m in mine}
     per_spec = ours_wall / len(specs)
     limit_s = flops / peak
     return {
-        "model": f"pythia-{size} (random weights)",
-        "n_params": n_params,
-        "batch_size": int(batch_size),
-        "batch_size_search": bs_info,
-        "n_docs": {t: len(f) for t, f in zip(TASKS, fp, strict=True)},
-        "tokens_scored": tokens,
+        "tokens_scored": sum(int(f["task_n_tokens"].iloc[0]) for f in fp),
         "flops_per_spec": flops,
-        "lm_eval_cli_s": cli_wall,
         "batched_total_s": ours_wall,
         "n_specs": len(specs),
         "batched_per_spec_s": per_spec,
-        "ratio_vs_cli": per_spec / cli_wall,
         "fp16_scoring_s": score_s,
         "fp16_forward_s": forward_s,
         "flop_limit_s": limit_s,
@@ -341,8 +386,6 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         "steady_forward_s": steady_fwd,
         "peak_fraction_steady_scoring": limit_s / steady_s,
         "peak_fraction_steady_forward": limit_s / steady_fwd if steady_fwd else None,
-        "fp16_metrics_ours_vs_cli": agree,
-        "fidelity_vs_cli": check,
     }
 
 
@@ -355,19 +398,24 @@ def markdown(report: dict) -> str:
         f"Device: {report['device']}; peak fp16 matmul {report['peak_fp16_tflops']:.0f} TFLOP/s, "
         f"bf16 {report['peak_bf16_tflops']:.0f} TFLOP/s; at most {report['limit']} documents per "
         f"task; batch size {report['batch_size']} (per model below); specs {report['specs']} "
-        f"(the batched job evaluates all of them, the CLI fp16 only; CUDA graphs "
-        f"{'on' if report.get('cuda_graphs') else 'off'}). Scoring = the specs' "
+        f"(the batched job evaluates all of them, the CLI fp16 only); transformers "
+        f"{report.get('transformers')}, torch {report.get('torch')}. Mode: the batched job "
+        f"with CUDA graphs (the workflow's default for several specs; every capture checked "
+        f"against its eager pass) or eager. Scoring = the specs' "
         f"evaluation time without start-up, loading, request building and writing; 'first' is "
         f"the first spec (fp16: CUDA warm-up included), 'steady' the median of the later specs.",
         "",
-        "| model | batch | tokens/spec | lm_eval CLI s | batched s/spec | ratio | FLOP-limit s "
-        "| scoring s first / steady | forward s first / steady | % peak scoring first / steady "
-        "| % peak forward first / steady |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | tokens/spec | lm_eval CLI s | batched s/spec | ratio "
+        "| FLOP-limit s | scoring s first / steady | forward s first / steady "
+        "| % peak scoring first / steady | % peak forward first / steady |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
+        mode = r.get("mode", "")
+        if r.get("graphs_turned_off"):
+            mode += " (turned off)"
         lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['tokens_scored']:,} | "
+            f"| {r['model']} | {mode} | {r['batch_size']} | {r['tokens_scored']:,} | "
             f"{r['lm_eval_cli_s']:.1f} | {r['batched_per_spec_s']:.1f} | "
             f"{r['ratio_vs_cli']:.2f} | {r['flop_limit_s']:.2f} | "
             f"{r['fp16_scoring_s']:.1f} / {r['steady_scoring_s']:.1f} | "
@@ -381,9 +429,9 @@ def markdown(report: dict) -> str:
         "max |log-likelihood difference| (documents whose log-likelihoods differ at all; "
         "documents whose greedy flags differ).",
         "",
-        "| model | in-process, pooled like the CLI (exact) | same, positions_only | "
+        "| model | mode | in-process, pooled like the CLI (exact) | same, positions_only | "
         "batched job (per-task batches) | evaluate s exact / positions_only |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
         c = r.get("fidelity_vs_cli") or {}
@@ -399,9 +447,18 @@ def markdown(report: dict) -> str:
         ex, po = c.get("exact"), c.get("positions_only")
         times = f"{ex['evaluate_s']:.1f} / {po['evaluate_s']:.1f}" if ex and po else ""
         lines.append(
-            f"| {r['model']} | {cell(ex)} | {cell(po)} | {cell(c.get('batched_fp16_vs_cli'))} "
+            f"| {r['model']} | {r.get('mode', '')} | {cell(ex)} | {cell(po)} "
+            f"| {cell(c.get('batched_fp16_vs_cli'))} "
             f"| {times} |"
         )
+    same = [
+        f"{r['model']}: {d['docs_differ']} of {d['docs']} differ"
+        for r in report["models"]
+        if r.get("mode") == "graphs" and (d := r.get("graphs_vs_eager_all_specs"))
+    ]
+    if same:
+        lines += ["", "Graphs against eager, every spec and task, per document: "
+                  + "; ".join(same) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -417,8 +474,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--device", default="cuda", help="cpu: a functional check, not a benchmark")
     ap.add_argument(
-        "--graphs", action="store_true", help="batched job with cuda_graphs=True (not exact)"
+        "--modes",
+        default="graphs,eager",
+        help="batched job runs: graphs (cuda_graphs=True), eager (cuda_graphs=False)",
     )
+    ap.add_argument("--graphs", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["batched", "find-batch", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--cli-out", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -436,6 +496,11 @@ def main() -> None:
             args.worker
         ](args)
         return
+    import transformers
+
+    bad = set(args.modes.split(",")) - {"graphs", "eager"}
+    if bad:
+        raise SystemExit(f"unknown --modes {sorted(bad)}; allowed are graphs, eager")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device found (use --device cpu for a functional check only)")
     from kbit.evaluation.tasks import prepare_tasks
@@ -453,16 +518,16 @@ def main() -> None:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "specs": args.specs,
-        "cuda_graphs": args.graphs,
+        "transformers": transformers.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": [],
     }
     tag = "h100" if "H100" in report["device"] else "gpu"
     try:
         for size in args.models.split(","):
-            r = bench_model(size, args, work, report["peak_fp16_tflops"] * 1e12)
-            report["models"].append(r)
-            print(json.dumps(r, indent=1), flush=True)
+            entries = bench_model(size, args, work, report["peak_fp16_tflops"] * 1e12)
+            report["models"].extend(entries)
+            print(json.dumps(entries, indent=1), flush=True)
             # written after every model, so a later failure keeps the earlier results
             (out / f"eval_{tag}.json").write_text(json.dumps(report, indent=1))
             (out / f"eval_{tag}.md").write_text(markdown(report))

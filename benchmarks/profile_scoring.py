@@ -1,8 +1,9 @@
-"""Where the batched evaluation's steady-state scoring time goes, with and without a KV cache.
+"""Where the batched evaluation's steady-state scoring time goes, with and without host syncs.
 
 Builds a random-weight Pythia-shaped model (bench_eval.build_model), prepares the five tasks from
 the original files (first 1500 documents each), scores them once to warm up, then scores every
-task four more times alternating ``ReusingHFLM.kv_cache`` True / False / True / False, printing per
+task four more times alternating transformers' per-forward host sync on position ids off / on /
+off / on (``kbit.evaluation.nosync``; "on" is the plain transformers forward), printing per
 task the scoring wall time, the time inside lm-eval's loglikelihood call ("ll"), the host
 post-processing after it ("post"), the forward time (CUDA events), tokens and padded tokens;
 finally one profiled pass per task (torch.profiler, CUDA activity) sums kernel time by kind
@@ -15,6 +16,7 @@ Usage (on a CUDA machine; --data layout as for bench_eval.py)::
 """
 
 import collections
+import contextlib
 import gc
 import sys
 import tempfile
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_eval import TASKS, build_model  # noqa: E402
 
+import kbit.evaluation.batching as batching  # noqa: E402
 from kbit.evaluation.runner import (  # noqa: E402
     PreparedTask,
     configure_like_cli,
@@ -65,8 +68,9 @@ for name in ("loglikelihood", "loglikelihood_rolling"):
     setattr(lm, name, timed)
 for n in TASKS:
     score_prepared(lm, prep[n])
-for kv in (True, False, True, False):
-    lm.kv_cache = kv
+skip_sync = batching.consecutive_positions
+for sync in (False, True, False, True):
+    batching.consecutive_positions = contextlib.nullcontext if sync else skip_sync
     tot = collections.Counter()
     for n in TASKS:
         ll_time[0] = 0.0
@@ -80,15 +84,15 @@ for kv in (True, False, True, False):
         )
         tot.update(d)
         print(
-            f"kv={kv} {n:15s} "
+            f"sync={sync} {n:15s} "
             + " ".join(f"{k}={v:.3f}" for k, v in d.items())
             + f" tokens={r.forward_tokens} padded={padded} batches={nb}",
             flush=True,
         )
-    print(f"kv={kv} TOTAL " + " ".join(f"{k}={v:.3f}" for k, v in tot.items()), flush=True)
+    print(f"sync={sync} TOTAL " + " ".join(f"{k}={v:.3f}" for k, v in tot.items()), flush=True)
 print("peak mem GiB", torch.cuda.max_memory_allocated() / 2**30)
 
-lm.kv_cache = False
+batching.consecutive_positions = skip_sync
 for n in TASKS:
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         t0 = time.perf_counter()

@@ -111,6 +111,33 @@ def test_batched_is_resumable(setup: dict) -> None:
             assert p.stat().st_mtime_ns == t
 
 
+def test_cuda_graphs_default_to_on_for_many_specs(
+    setup: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched job captures CUDA graphs only when enough specs are left to pay for the
+    capture; an explicit ``lm_options`` setting wins."""
+    import kbit.evaluation.runner as runner
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(*args: object, **kw: object) -> None:
+        seen.append(kw.get("cuda_graphs"))
+        raise Stop
+
+    monkeypatch.setattr(runner, "make_lm", record)
+    monkeypatch.setattr(runner, "GRAPH_MIN_SPECS", 3)
+    paths = _paths(setup["tmp"] / "graphs")
+    for specs, options in ((SPECS, None), (SPECS[:2], None), (SPECS, {"cuda_graphs": False})):
+        with pytest.raises(Stop):
+            evaluate_specs(
+                setup["model"], specs, _tasks(setup), paths, META, device="cpu", lm_options=options
+            )
+    assert seen == [True, False, False]
+
+
 def test_evaluate_specs_needs_every_output_path(setup: dict) -> None:
     paths = _paths(setup["tmp"] / "x")
     del paths[("fp16", "piqa")]
@@ -411,10 +438,10 @@ def _graph_requests(n_max: int, vocab: int) -> list:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_graph_replay_scores_like_eager(arch: str) -> None:
-    """Batches replayed as CUDA graphs (``cuda_graphs=True``) give HFLM's numbers on these
-    small models bit for bit: on capture, on later replays, after the weights change in place,
-    and after a parameter is replaced (graphs are captured again). Not a guarantee for larger
-    models (see ReusingHFLM: the 1.4B benchmark model differs in the last bits)."""
+    """Batches replayed as CUDA graphs (``cuda_graphs=True``) give HFLM's numbers bit for bit,
+    at a real head size: on capture, on later replays, after the weights change in place, and
+    after a parameter is replaced (graphs are captured again); graphs stay on, so every
+    capture matched its eager pass."""
     from kbit.evaluation.runner import make_lm
 
     model = tiny_model(arch, hidden=1024, heads=8).to("cuda", torch.float16)
@@ -437,6 +464,37 @@ def test_cuda_graph_replay_scores_like_eager(arch: str) -> None:
         graphs = [b.graph for p in graphed._plans.values() for b in p.batches]
         assert graphed.cuda_graphs and graphs and all(g is not None for g in graphs), step
     assert graphed.forward_time_s > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_turn_off_when_a_capture_differs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A captured graph whose replay disagrees with the eager pass in any bit turns graphs
+    off (one warning, graphs released) and the results stay the eager ones."""
+    from kbit.evaluation.runner import make_lm
+
+    model = tiny_model("gpt_neox", hidden=1024, heads=8).to("cuda", torch.float16)
+    tok = tiny_tokenizer("gpt_neox")
+    graphed = make_lm(model, tok, 7, cuda_graphs=True)
+    stock = make_lm(model, tok, 7, fast_scoring=False, kv_cache=True, cuda_graphs=False)
+    capture = graphed._capture
+
+    def off_by_one(batch) -> None:  # the graph's outputs no longer match its eager pass
+        capture(batch)
+        sums, ok = batch.graph_out
+        batch.graph_out = (sums + 1, ok)
+
+    monkeypatch.setattr(graphed, "_capture", off_by_one)
+    reqs = _graph_requests(graphed.max_length, model.config.vocab_size)
+    want = stock._loglikelihood_tokens(list(reqs))
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING), graphed.reuse_plans("task"):
+            assert graphed._loglikelihood_tokens(list(reqs)) == want
+    assert not graphed.cuda_graphs
+    assert all(b.graph is None for p in graphed._plans.values() for b in p.batches)
+    assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_fast_scoring_shared_rows_and_truncation(setup: dict) -> None:

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
+from kbit.evaluation.nosync import consecutive_positions
 from kbit.evaluation.progress import Progress
 
 log = logging.getLogger("kbit.evaluation")
@@ -157,18 +158,20 @@ class ReusingHFLM(HFLM):
     runs HFLM's own ``_loglikelihood_tokens``; ``positions_only=True`` is the inexact LM-head
     shortcut described in the module docstring.
 
-    ``cuda_graphs=True`` (off by default, not exact; CUDA only, inside :meth:`reuse_plans`):
-    each planned batch's forward pass and scoring are captured once as a CUDA graph and
-    replayed for every later weight config, instead of issuing its few hundred kernels from
-    Python again. Short requests (PIQA, Winogrande, HellaSwag) leave an H100 waiting for the
-    host about half of the time with a 1.4B-parameter model, and a 160M one almost always.
-    Weights are changed in place between configs, which a graph sees; a batch is captured
-    again if any parameter or buffer has moved (e.g. untied). A model whose forward pass
-    cannot be captured (it syncs with the host) is scored eagerly, with one warning. Not
-    exact: on the Pythia-1.4B-shaped benchmark model 1,110 of 5,829 documents came out a few
-    fp16 units in the last place away from lm-eval's command line (none on the 160M one, and
-    greedy flags all equal), so some kernel, presumably a GEMM, runs another algorithm under
-    stream capture. With graphs, a batch's forward time also covers its scoring kernels.
+    ``cuda_graphs=True`` (CUDA only, inside :meth:`reuse_plans`): each planned batch's forward
+    pass and scoring are captured once as a CUDA graph and replayed for every later weight
+    config, instead of issuing its few hundred kernels from Python again. Short requests (PIQA,
+    Winogrande, HellaSwag) leave an H100 waiting for the host much of the time with a
+    1.4B-parameter model, and a 160M one almost always. Weights are changed in place between
+    configs, which a graph sees; a batch is captured again if any parameter or buffer has moved
+    (e.g. untied). Every capture is checked: the batch is first scored eagerly (those results
+    are returned), then captured and replayed, and the two must agree in every bit, or graphs
+    are turned off for good with one warning. So graphs never change a result; they switch
+    themselves off where capture would take another path (transformers 5.17, for one, builds
+    an explicit attention mask under capture, whose attention kernel rounds differently; 5.23
+    does not; a forward pass that syncs with the host cannot be captured at all). Position ids
+    are known to be unpacked during capture as in eager passes (:mod:`kbit.evaluation.nosync`).
+    With graphs, a batch's forward time also covers its scoring kernels.
 
     ``kv_cache=False`` (the default) runs causal forward passes with ``use_cache=False``. HFLM
     calls ``model(inps)``, which for most architectures builds a key/value cache nobody reads
@@ -371,12 +374,14 @@ class ReusingHFLM(HFLM):
         graphs = self._graphs_usable()
         weights = self._weight_addresses() if graphs else None
         for batch in batches:
-            if graphs and self.cuda_graphs:  # off after a failed capture
+            if graphs and self.cuda_graphs:  # off after a failed capture or check
                 s, g = self._replay(batch, weights)
             else:
                 s, g = self._run_batch(batch)
             sums.append(s)
             greedy.append(g)
+        if graphs and not self.cuda_graphs:  # turned off during this call
+            self._drop_graphs(plan)
         if fresh and key is not None:  # complete now: later calls in this scope reuse it
             self._plans[key] = plan
         res: list[Any] = [None] * len(requests)
@@ -573,29 +578,49 @@ class ReusingHFLM(HFLM):
         return tuple(t.data_ptr() for _, t in named)
 
     def _replay(self, batch: _Batch, weights: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """``_run_batch`` through the batch's CUDA graph (captured first if needed)."""
-        if batch.graph is None or batch.graph_weights != weights:
-            batch.graph, batch.graph_out = None, None
-            try:
-                self._capture(batch)
-            except Exception as exc:  # any capture failure: score eagerly
-                torch.cuda.synchronize(self.device)
-                self.cuda_graphs = False
-                log.warning("CUDA graph capture failed (%s); scoring without graphs", exc)
-                return self._run_batch(batch)
+        """``_run_batch`` through the batch's CUDA graph, captured and checked first if needed.
+
+        A batch without a graph for the current weights is scored eagerly (those are the
+        results), then captured, replayed once and compared with them: any difference in any
+        bit turns graphs off for good (one warning), so every result is the eager one's.
+        """
+        if batch.graph is not None and batch.graph_weights == weights:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            batch.graph.replay()
+            end.record()
+            self._forward_events.append((start, end))
+            if self.progress is not None:
+                self.progress.tick(int(batch.tokens.shape[0]))
+            sums, ok = batch.graph_out
+            return sums.clone(), ok.clone()
+        batch.graph, batch.graph_out, batch.graph_weights = None, None, None
+        eager = self._run_batch(batch)
+        try:
+            self._capture(batch)
+            batch.graph.replay()
+            same = all(torch.equal(a, b) for a, b in zip(eager, batch.graph_out, strict=True))
+            reason = "its results differ from the eager pass in the last bits"
+        except Exception as exc:  # any capture failure: score eagerly
+            torch.cuda.synchronize(self.device)
+            same, reason = False, f"capture failed: {exc}"
+        if same:
             batch.graph_weights = weights
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        batch.graph.replay()
-        end.record()
-        self._forward_events.append((start, end))
-        if self.progress is not None:
-            self.progress.tick(int(batch.tokens.shape[0]))
-        sums, ok = batch.graph_out
-        return sums.clone(), ok.clone()
+        else:
+            self.cuda_graphs = False
+            log.warning("CUDA graphs off (%s); scoring eagerly", reason)
+        return eager
+
+    def _drop_graphs(self, current: _Plan) -> None:
+        """Release every captured graph (of the cached plans and of ``current``)."""
+        for plan in [*self._plans.values(), current]:
+            for b in plan.batches:
+                b.graph, b.graph_out, b.graph_weights = None, None, None
+        self._graph_pool, self._graph_stream = None, None
 
     def _capture(self, batch: _Batch) -> None:
+        """Record the batch's ``_run_batch`` as a CUDA graph (its outputs: ``graph_out``)."""
         if self._graph_stream is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
             self._graph_stream = torch.cuda.Stream(self.device)
@@ -654,13 +679,15 @@ class ReusingHFLM(HFLM):
         return out
 
     def _forward(self, inps: torch.Tensor, attn_mask: Any, labels: Any) -> torch.Tensor:
-        """HFLM's model call; for causal scoring without the unused key/value cache."""
+        """HFLM's model call; for causal scoring without the unused key/value cache and without
+        transformers' host sync on position ids (:mod:`kbit.evaluation.nosync`)."""
         if self.kv_cache or attn_mask is not None or labels is not None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         amp = self.mixed_precision_dtype
         with (
             torch.no_grad(),
             torch.autocast(device_type=self.device.type, dtype=amp, enabled=amp is not None),
+            consecutive_positions(),
         ):
             return self.model(inps, use_cache=False).logits
 
