@@ -136,6 +136,10 @@ class _Batch:
     graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
     graph_weights: tuple[int, ...] | None = None
 
+    def release_graph(self) -> None:
+        """Forget the captured graph (it is captured again when next needed)."""
+        self.graph, self.graph_out, self.graph_weights = None, None, None
+
 
 @dataclass(eq=False)
 class _Plan:
@@ -585,17 +589,11 @@ class ReusingHFLM(HFLM):
         bit turns graphs off for good (one warning), so every result is the eager one's.
         """
         if batch.graph is not None and batch.graph_weights == weights:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            batch.graph.replay()
-            end.record()
-            self._forward_events.append((start, end))
-            if self.progress is not None:
-                self.progress.tick(int(batch.tokens.shape[0]))
+            with self._timed(int(batch.tokens.shape[0])):
+                batch.graph.replay()
             sums, ok = batch.graph_out
             return sums.clone(), ok.clone()
-        batch.graph, batch.graph_out, batch.graph_weights = None, None, None
+        batch.release_graph()
         eager = self._run_batch(batch)
         try:
             self._capture(batch)
@@ -616,7 +614,7 @@ class ReusingHFLM(HFLM):
         """Release every captured graph (of the cached plans and of ``current``)."""
         for plan in [*self._plans.values(), current]:
             for b in plan.batches:
-                b.graph, b.graph_out, b.graph_weights = None, None, None
+                b.release_graph()
         self._graph_pool, self._graph_stream = None, None
 
     def _capture(self, batch: _Batch) -> None:
@@ -663,20 +661,26 @@ class ReusingHFLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self._capturing:  # timed and counted when the graph is replayed
             return self._forward(inps, attn_mask, labels)
+        with self._timed(int(inps.shape[0])):
+            return self._forward(inps, attn_mask, labels)
+
+    @contextlib.contextmanager
+    def _timed(self, rows: int) -> Iterator[None]:
+        """Time the forward pass inside (CUDA events, no sync; the host clock on the CPU) and
+        report its ``rows`` to the progress log."""
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self._forward(inps, attn_mask, labels)
+            yield
             end.record()
             self._forward_events.append((start, end))
         else:
             t0 = time.perf_counter()
-            out = self._forward(inps, attn_mask, labels)
+            yield
             self._forward_s += time.perf_counter() - t0
         if self.progress is not None:
-            self.progress.tick(int(inps.shape[0]))
-        return out
+            self.progress.tick(rows)
 
     def _forward(self, inps: torch.Tensor, attn_mask: Any, labels: Any) -> torch.Tensor:
         """HFLM's model call; for causal scoring without the unused key/value cache and without
