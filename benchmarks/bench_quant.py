@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kbit import kernels
 from kbit.codebooks import codebook
-from kbit.kernels.blockwise import DEFAULT_CONFIG
+from kbit.kernels.launch import DEFAULT_CONFIG
 
 FQ_TYPES = ("int", "float", "nf", "dynamic")
 FQ_BITS = (3, 4, 8)
@@ -81,11 +81,11 @@ def _load_bnb():
 
 
 def _auto_search(cb: torch.Tensor, pack: bool = False) -> str:
-    """The search ``search="auto"`` runs for this codebook (as ``blockwise._search_args``)."""
-    from kbit.kernels import blockwise
+    """The search ``search="auto"`` runs for this codebook (as ``launch._search_args``)."""
+    from kbit.kernels import launch
 
-    kw = blockwise._search_args(cb, torch.device("cpu"), DEFAULT_CONFIG, pack)["kw"]
-    return {v: k for k, v in blockwise._SEARCH_MODES.items()}[kw["SEARCH"]]
+    kw = launch._search_args(cb, torch.device("cpu"), DEFAULT_CONFIG, pack)["kw"]
+    return {v: k for k, v in launch._SEARCH_MODES.items()}[kw["SEARCH"]]
 
 
 def sweep(x: torch.Tensor, copy_gbs: float) -> list[dict]:

@@ -6,7 +6,7 @@ Block constants cost ``spec.scale_bits`` each (16 for the paper's fp16 absmax, 8
 scales), and a data type that must store something per tensor (the quantile type's codebook,
 centering's mean, NVFP4's second-level scale) adds those "extras".
 
-``summarize`` adds up the per-parameter rows of :func:`kbit.model.quantize_model` (what was
+``summarize`` adds up the per-parameter rows of :func:`kbit.model_quant.quantize_model` (what was
 actually stored); ``predict_tensor_bits`` gives the same number from the spec alone, so analysis
 code can place points on the bits axis without quantizing anything.
 """
@@ -28,7 +28,7 @@ def n_blocks(spec: QuantSpec, n: int) -> int:
 
 
 def extra_bits(spec: QuantSpec) -> int:
-    """Per-tensor storage beyond codes and block constants, as ``kbit.quantize`` stores it.
+    """Per-tensor storage beyond codes and block constants, as ``kbit.blockwise`` stores it.
 
     The quantile type's codebook (2^k entries at 16 bits), a centering mean (16 bits) and the
     NVFP4 global scale (fp32). Fixed codebooks are part of the data type and cost nothing.

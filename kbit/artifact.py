@@ -15,15 +15,14 @@ So the file size is the accounting's ``total_bits / 8`` plus the safetensors hea
 padding of packed codes and the outlier indices (recorded as ``index_bytes``).
 
 ``load_artifact`` applies the stored weights to an already loaded base model and gives exactly
-(bit for bit) what :func:`kbit.model.quantize_model` gives on that model, because both go
-through :meth:`kbit.model.QuantizedWeight.dequantize`.
+(bit for bit) what :func:`kbit.model_quant.quantize_model` gives on that model, because both go
+through :meth:`kbit.model_quant.QuantizedWeight.dequantize`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,17 @@ import torch
 from torch import nn
 
 from kbit.accounting import sqnr_stats, summarize
-from kbit.model import (
+from kbit.blockwise import QTensor
+from kbit.codebooks import codebook_for, element_grid
+from kbit.io import atomic_dir, write_json
+from kbit.model_quant import (
     QuantizedWeight,
     TensorPlan,
     quantize_model,
     sixteen_bit_dtype,
     untie_partially_selected,
 )
-from kbit.spec import QuantSpec
+from kbit.spec import MICROSCALING_DTYPES, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +85,6 @@ def load_base_model(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return model.to(device).eval()
-
-
-def _atomic_dir_write(out_dir: Path, write) -> None:
-    from kbit.models import atomic_dir
-
-    with atomic_dir(out_dir) as tmp:
-        write(Path(tmp))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def quantize_to_artifact(
@@ -166,9 +155,10 @@ def quantize_to_artifact(
             save_file(tensors, str(tmp / WEIGHTS), metadata=st_meta)
             meta["files"] = {WEIGHTS: (tmp / WEIGHTS).stat().st_size}
             meta["index_bytes"] = index_bytes
-        _write_json(tmp / META, meta)
+        write_json(meta, tmp / META)
 
-    _atomic_dir_write(out_dir, write)
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
     return meta
 
 
@@ -181,9 +171,6 @@ def spec_codebook(spec: QuantSpec) -> torch.Tensor | None:
     """The codebook a data type implies (None for the per-tensor quantile type)."""
     if spec.dtype == "quantile":
         return None
-    from kbit.codebooks import codebook_for, element_grid
-    from kbit.spec import MICROSCALING_DTYPES
-
     if spec.dtype in MICROSCALING_DTYPES:
         return element_grid(spec).values.to(torch.float32)
     return codebook_for(spec).to(torch.float32)
@@ -254,8 +241,6 @@ def load_artifact(artifact_dir: Path | str, model: nn.Module) -> dict[str, Any]:
     dtype, and a warning says so.
     """
     from safetensors import safe_open
-
-    from kbit.quantize import QTensor
 
     artifact_dir = Path(artifact_dir)
     meta = read_meta(artifact_dir)

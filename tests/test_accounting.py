@@ -1,4 +1,4 @@
-"""Bit accounting: the formula, its agreement with what kbit.quantize stores, and summaries."""
+"""Bit accounting: the formula, its agreement with what kbit.blockwise stores, and summaries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kbit.accounting import predict_tensor_bits, sqnr_stats, summarize
-from kbit.quantize import quantize
+from kbit.blockwise import quantize
 from kbit.spec import QuantSpec
 
 SPECS = [

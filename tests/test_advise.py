@@ -6,8 +6,8 @@ import pytest
 from synthetic import analysed
 
 from kbit.analysis.advise import best_for_budget, candidates, fewest_bits, parse_budget
-from kbit.analysis.io import write_parquet
 from kbit.cli import main
+from kbit.io import write_parquet
 
 
 @pytest.mark.parametrize(

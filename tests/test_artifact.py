@@ -19,9 +19,9 @@ from kbit.artifact import (
     quantize_to_artifact,
     spec_codebook,
 )
+from kbit.blockwise import quantize
 from kbit.cli import main
-from kbit.model import quantize_model
-from kbit.quantize import quantize
+from kbit.model_quant import quantize_model
 from kbit.spec import QuantSpec
 
 

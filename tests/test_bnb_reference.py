@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kbit.blockwise import quantize
 from kbit.codebooks import codebook
-from kbit.quantize import quantize
 
 F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
 

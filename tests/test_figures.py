@@ -6,7 +6,7 @@ import pytest
 from synthetic import analysed
 
 from kbit.analysis.figures import CAPTIONS, make_figures
-from kbit.analysis.io import write_parquet
+from kbit.io import write_parquet
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from kbit import kernels
+from kbit.blockwise import quantize
 from kbit.codebooks import codebook
 from kbit.packing import pack
-from kbit.quantize import quantize
 from kbit.spec import QuantSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -83,7 +83,7 @@ _SCALE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 def _library(
     x: torch.Tensor, name: str, k: int, block: int | None, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed codes, scales, dequantized) from kbit.quantize, the project's reference."""
+    """(packed codes, scales, dequantized) from kbit.blockwise, the project's reference."""
     spec = QuantSpec(dtype=name, bits=k, block_size=block, scale_dtype=_SCALE_NAMES[scale_dtype])
     q = quantize(x.detach().cpu(), spec)
     return q.codes, q.scales, q.dequantize().reshape(-1)
@@ -131,7 +131,7 @@ def test_all_paths_match_reference(device: str, case) -> None:
     n = 2999 + 8 * idx
     x = _input(n, dtype, device, seed=idx).view(1, -1)
     codes, scales, y_ref = _reference(x, cb, block, torch.float16)
-    if name != "quantile-like":  # the local reference is kbit.quantize's result
+    if name != "quantile-like":  # the local reference is kbit.blockwise's result
         lib_packed, lib_scales, lib_y = _library(x, name, k, block, torch.float16)
         assert torch.equal(lib_packed, pack(codes, k)) and torch.equal(lib_scales, scales)
         assert torch.equal(lib_y, y_ref)
@@ -266,7 +266,7 @@ def test_search_variants_agree(device: str, search: str, step: int, reg_levels: 
     """Every search (tree: register levels, one gather per level, subtree records read several
     levels at a time; bucket tables of both record kinds, also for small codebooks) gives the
     reference codes, on all three kernel shapes."""
-    from kbit.kernels.blockwise import DEFAULT_CONFIG, KernelConfig
+    from kbit.kernels.launch import DEFAULT_CONFIG, KernelConfig
 
     cfg = KernelConfig(
         **{
@@ -305,7 +305,7 @@ def test_bucket_search_at_midpoints(device: str, search: str) -> None:
     """With scale 1 (so xn == x): every midpoint, the floats just above and below it, every
     entry, signed zeros, subnormals and tiny normals get the reference code, through the fused
     and the two-pass kernels, for every codebook family at k = 2..8."""
-    from kbit.kernels.blockwise import KernelConfig
+    from kbit.kernels.launch import KernelConfig
 
     cfg = KernelConfig(search=search, bucket_min_entries=0)
     special = [0.0, -0.0, 1e-40, -1e-40, 2.0**-126, -(2.0**-126), 1e-20, -1e-20, 2.0**-20]
@@ -331,7 +331,7 @@ def test_bucket_layouts() -> None:
     the number of midpoints below it, and its records hold that midpoint and codebook entries.
     The standard types get one-read records. A codebook with midpoints below fp32's normal
     range has no layout and falls back to the tree."""
-    from kbit.kernels import blockwise as bw
+    from kbit.kernels import launch as bw
 
     for name, k, cb in _edge_codebooks():
         cb = cb.float().contiguous()
@@ -374,7 +374,7 @@ def test_bucket_layouts() -> None:
 def test_auto_search_choice() -> None:
     """``search="auto"``: the tree up to 8 entries, one-read bucket records up to 16, the
     1-byte bucket table above for fake quantization; bucket records for packing above 8."""
-    from kbit.kernels import blockwise as bw
+    from kbit.kernels import launch as bw
 
     cfg = bw.DEFAULT_CONFIG
     for k, fake, packed in (

@@ -10,8 +10,8 @@ from models import ARCHS, tiny_model
 
 import kbit
 from kbit.accounting import predict_tensor_bits, summarize
-from kbit.model import find_blocks, n_outlier_columns, quantize_model, select_parameters
-from kbit.quantize import quantize
+from kbit.blockwise import quantize
+from kbit.model_quant import find_blocks, n_outlier_columns, quantize_model, select_parameters
 from kbit.spec import SpecError
 
 PER_BLOCK = {

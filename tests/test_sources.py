@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kbit import models
-from kbit.models import (
+from kbit import sources
+from kbit.sources import (
     ModelSourceError,
     build_tiny_model,
     convert_gguf,
@@ -22,7 +22,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NEOX_TOK = SHARED / "tokenizers" / "gpt-neox-20b" / "20B_tokenizer.json"
 
 
-@pytest.mark.parametrize("arch", models.TINY_ARCHS)
+@pytest.mark.parametrize("arch", sources.TINY_ARCHS)
 def test_tiny_model_builds_saves_safetensors_and_runs(tmp_path, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +87,7 @@ def test_pickle_only_repository_is_refused(tmp_path, monkeypatch):
         (Path(local_dir) / "config.json").write_text("{}")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(models, "_hub_pickle_files", lambda *a: ["pytorch_model.bin"])
+    monkeypatch.setattr(sources, "_hub_pickle_files", lambda *a: ["pytorch_model.bin"])
     with pytest.raises(ModelSourceError, match=r"no safetensors.*pytorch_model\.bin.*refused"):
         download_hub_model("org/old-model", "main", tmp_path / "m")
     assert not (tmp_path / "m").exists()

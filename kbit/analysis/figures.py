@@ -26,7 +26,7 @@ from kbit.analysis.curves import (
     perplexity_target,
     variation_groups,
 )
-from kbit.analysis.io import atomic_write, write_text
+from kbit.io import atomic_write, write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -471,11 +471,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         paths.append(
-            atomic_write(
-                out_dir / f"{name}.{ext}",
-                lambda p, e=ext: fig.savefig(p, format=e),
-                suffix=f".{ext}",
-            )
+            atomic_write(out_dir / f"{name}.{ext}", lambda p, e=ext: fig.savefig(p, format=e))
         )
     plt.close(fig)
     return paths

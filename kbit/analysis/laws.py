@@ -10,8 +10,8 @@ import pandas as pd
 from kbit.analysis.bootstrap import DOC_COLUMNS, bootstrap_points, bootstrap_table
 from kbit.analysis.curves import build_curves, curve_targets
 from kbit.analysis.fits import fit_all, optimal_precision
-from kbit.analysis.io import write_parquet
 from kbit.analysis.tables import read_evals
+from kbit.io import write_parquet
 
 LAW_NAMES = ("curves", "fits", "optimal", "bootstrap")
 

@@ -61,7 +61,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         raise FileNotFoundError(f"{model} is not a model directory")
     from huggingface_hub import snapshot_download
 
-    from kbit.models import HUB_ALLOW_PATTERNS, PICKLE_SUFFIXES, ModelSourceError
+    from kbit.sources import HUB_ALLOW_PATTERNS, PICKLE_SUFFIXES, ModelSourceError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
@@ -119,7 +119,7 @@ def format_report(meta: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Quantize, write the artifact, print the accounting; 2 on bad input."""
     from kbit.artifact import ArtifactError, quantize_to_artifact
-    from kbit.models import ModelSourceError
+    from kbit.sources import ModelSourceError
 
     try:
         spec = QuantSpec.parse(args.spec)

@@ -46,10 +46,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from kbit.io import write_bytes
 
 #: original files of each task, relative to the evaluation data directory
 TASK_FILES: dict[str, list[str]] = {
@@ -75,13 +76,6 @@ CORPUS_SPLITS = ("paragraph", "chunk")
 _HELLASWAG_LINES_PER_ITEM = 6
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _default_file_mode()
 
 
 class DataFileError(FileNotFoundError):
@@ -100,25 +94,7 @@ def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: Path) -> bool:
     the file's timestamp (workflow managers would otherwise rerun everything downstream).
     """
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    return write_bytes_atomic(data, path)
-
-
-def write_bytes_atomic(data: bytes, path: Path) -> bool:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs are shared like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
+    return write_bytes(data, path, if_changed=True)
 
 
 def _require(path: Path, task: str) -> Path:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from kbit.io import copy_file
 
 
 def _tree_digest(root: Path, h: Any) -> None:
@@ -39,10 +40,5 @@ def cache_key(settings: Mapping[str, Any], tasks_dir: str | os.PathLike | None =
 
 
 def publish(cached: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Copy a finished cache file to its declared output atomically (temp file + rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.copyfile(cached, tmp)
-    os.replace(tmp, out)
-    return out
+    """Copy a finished cache file to its declared output atomically."""
+    return copy_file(cached, out)

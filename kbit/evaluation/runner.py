@@ -487,7 +487,7 @@ def task_frame(result: TaskResult, meta: Mapping[str, Any]) -> pd.DataFrame:
 
 def _summary_after(model: torch.nn.Module, spec: QuantSpec, **quant_kwargs: Any) -> dict:
     from kbit.accounting import summarize
-    from kbit.model import quantize_model
+    from kbit.model_quant import quantize_model
 
     return summarize(quantize_model(model, spec, **quant_kwargs))
 
@@ -579,7 +579,7 @@ def evaluate_specs(
         log.info("all %d outputs exist; nothing to evaluate", len(parsed) * len(names))
         return written
     model, tok = load_model(model_dir, dtype, device, trust_remote_code)
-    from kbit.model import WeightSnapshot
+    from kbit.model_quant import WeightSnapshot
 
     original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
     n_specs = sum(bool(v) for v in todo.values())

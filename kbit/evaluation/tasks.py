@@ -45,8 +45,8 @@ from kbit.evaluation.convert import (
     DataFormatError,
     convert_corpus,
     convert_task,
-    write_bytes_atomic,
 )
+from kbit.io import write_bytes
 
 __all__ = [
     "FULL_DOC_COUNTS",
@@ -197,7 +197,7 @@ def _prepare_standard(tasks: Sequence[str], data_dir: Path, work_dir: Path) -> N
         convert_task(task, data_dir, work_dir)
         template = (templates / f"{task}.yaml").read_text(encoding="utf-8")
         rendered = render_template(template, work_dir).encode("utf-8")
-        write_bytes_atomic(rendered, work_dir / f"{task}.yaml")
+        write_bytes(rendered, work_dir / f"{task}.yaml", if_changed=True)
 
 
 def prepare_tasks(
@@ -230,7 +230,7 @@ def prepare_tasks(
         data_file = work_dir / f"{name}.jsonl"
         convert_corpus(Path(spec.pop("path")), data_file, **spec)
         text = yaml.safe_dump(corpus_task_config(name, data_file), sort_keys=False)
-        write_bytes_atomic(text.encode("utf-8"), work_dir / f"{name}.yaml")
+        write_bytes(text.encode("utf-8"), work_dir / f"{name}.yaml", if_changed=True)
     return work_dir
 
 

@@ -1,7 +1,7 @@
 """GPU kernels (Triton) for blockwise k-bit quantization, bit-exact with the CPU reference.
 
 Importing this package never imports Triton: machines without Triton or a GPU use the torch
-reference in ``kbit.quantize``, and callers ask ``available(x)`` before dispatching here. With
+reference in ``kbit.blockwise``, and callers ask ``available(x)`` before dispatching here. With
 ``TRITON_INTERPRET=1`` set before Triton is first imported, the same kernels run on CPU tensors
 through Triton's interpreter (slow; used by the tests).
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kbit.kernels.blockwise import KernelConfig
+    from kbit.kernels.launch import KernelConfig
 
 __all__ = [
     "available",
@@ -56,10 +56,10 @@ def fake_quantize_blockwise(
     ``block_size``: values per absmax block, ``None`` for one block per tensor. Returns a tensor
     of ``x``'s shape and dtype.
     """
-    from kbit.kernels import blockwise
+    from kbit.kernels import launch
 
-    return blockwise.fake_quantize_blockwise(
-        x, codebook, block_size, scale_dtype, config=config or blockwise.DEFAULT_CONFIG
+    return launch.fake_quantize_blockwise(
+        x, codebook, block_size, scale_dtype, config=config or launch.DEFAULT_CONFIG
     )
 
 
@@ -74,10 +74,10 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed ``bits``-bit codes (uint8, LSB-first, ``ceil(numel*bits/8)`` bytes) and the 1-D
     block scales in ``scale_dtype`` (one per block of the flattened tensor)."""
-    from kbit.kernels import blockwise
+    from kbit.kernels import launch
 
-    return blockwise.quantize_blockwise(
-        x, codebook, block_size, scale_dtype, bits, config=config or blockwise.DEFAULT_CONFIG
+    return launch.quantize_blockwise(
+        x, codebook, block_size, scale_dtype, bits, config=config or launch.DEFAULT_CONFIG
     )
 
 
@@ -93,9 +93,9 @@ def dequantize_blockwise(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Inverse of ``quantize_blockwise``: a 1-D tensor of ``numel`` values in ``out_dtype``."""
-    from kbit.kernels import blockwise
+    from kbit.kernels import launch
 
-    return blockwise.dequantize_blockwise(
+    return launch.dequantize_blockwise(
         packed,
         scales,
         codebook,
@@ -103,5 +103,5 @@ def dequantize_blockwise(
         bits,
         numel,
         out_dtype,
-        config=config or blockwise.DEFAULT_CONFIG,
+        config=config or launch.DEFAULT_CONFIG,
     )

@@ -1,7 +1,7 @@
 """Per-document evaluation files -> the score table and the run table."""
 
-from kbit.analysis.io import write_parquet
 from kbit.analysis.tables import aggregate
+from kbit.io import write_parquet
 from kbit.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])

@@ -3,8 +3,8 @@
 import pandas as pd
 
 from kbit.analysis.claims import check_claims, render_claims
-from kbit.analysis.io import write_text
 from kbit.analysis.laws import LAW_NAMES
+from kbit.io import write_text
 from kbit.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from kbit.logs import setup_logging
-from kbit.models import build_tiny_model, convert_gguf, download_hub_model
+from kbit.sources import build_tiny_model, convert_gguf, download_hub_model
 
 log = setup_logging(snakemake.log[0])
 entry = snakemake.params.entry

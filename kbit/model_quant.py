@@ -36,16 +36,14 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, weight stored [in, out]
 
+from kbit.blockwise import QTensor, quantize
 from kbit.spec import QuantSpec, SpecError
-
-if TYPE_CHECKING:
-    from kbit.quantize import QTensor
 
 log = logging.getLogger(__name__)
 
@@ -440,8 +438,6 @@ def quantize_weight(
     weight: torch.Tensor, spec: QuantSpec, plan: TensorPlan, dtype: torch.dtype
 ) -> QuantizedWeight:
     """Quantize one parameter (any layout) following ``plan``; ``dtype`` is the model's dtype."""
-    from kbit.quantize import quantize
-
     w = weight.detach()
     w2 = (w.t() if plan.transpose else w).float()
     cols = plan.outlier_columns

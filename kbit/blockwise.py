@@ -41,8 +41,6 @@ the model-level code; this module quantizes every value it is given.
 from __future__ import annotations
 
 import json
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,18 +490,3 @@ def fake_quantize_blockwise_reference(
         s = _divisor_of(plan, start, stop)
         out[start:stop] = _decode(_encode(flat[start:stop], s, plan), s, plan).to(x.dtype)
     return out.view(x.shape)
-
-
-class _CallableModule(types.ModuleType):
-    """``kbit.quantize`` names both this module and the public function ``kbit.quantize()``.
-
-    Python binds a package attribute to its submodule on import, so whichever of the two is
-    reached first, ``kbit.quantize`` ends up being this module; making the module callable
-    keeps ``kbit.quantize(w, spec)`` working in every import order.
-    """
-
-    def __call__(self, w: torch.Tensor, spec: QuantSpec | str) -> QTensor:
-        return quantize(w, spec)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from kbit.io import atomic_dir
 
 #: files fetched from the hub: weights as safetensors only, never pickles
 HUB_ALLOW_PATTERNS = [
@@ -34,26 +33,6 @@ TINY_ARCHS = ("gpt_neox", "opt", "gpt2", "bloom", "llama")
 
 class ModelSourceError(RuntimeError):
     """A model that cannot be fetched or converted; the message says what to do."""
-
-
-@contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``out_dir`` that replaces it only if the block succeeds.
-
-    A killed download or conversion therefore never leaves a half-written model directory that a
-    later run would mistake for a finished one.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def download_hub_model(hf_id: str, revision: str, out_dir: Path) -> Path:
