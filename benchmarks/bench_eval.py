@@ -19,7 +19,7 @@ shared batches, so last-bit differences between the two are possible on a GPU).
 
 Fidelity check (``--check``, default on): a third process evaluates the fp16 model in-process the
 way the CLI does (all tasks in one ``evaluate`` call, so the same batches) through the workflow's
-scoring (``ReusingHFLM``), exact and with ``positions_only``, and compares every document's
+scoring, fast (``FastLM``) and plain (lm-eval's own HFLM loop), and compares every document's
 log-likelihoods and greedy flags with the CLI's logged samples.
 
 Usage::
@@ -135,9 +135,11 @@ def run_timed(cmd: list[str], log_file: Path, timeout: int, done: Path | None = 
 
 
 def batched_worker(args: argparse.Namespace) -> None:
-    """The workflow's batched job (what workflow/scripts/evaluate_batched.py runs)."""
-    from kbit.evaluation.runner import evaluate_specs, load_prepared_tasks
+    """The workflow's batched job (what workflow/scripts/evaluate.py runs for small models)."""
+    from kbit.evaluation.runner import evaluate_specs
+    from kbit.evaluation.tasks import load_tasks
     from kbit.logs import setup_logging
+    from kbit.settings import EvalSettings
 
     setup_logging(None)
     specs = args.specs.split(",")
@@ -146,24 +148,24 @@ def batched_worker(args: argparse.Namespace) -> None:
     evaluate_specs(
         args.model_dir,
         specs,
-        load_prepared_tasks(TASKS, args.tasks_dir),
+        load_tasks(TASKS, args.tasks_dir),
         paths,
         {"model": Path(args.model_dir).name, "hf_id": None, "revision": None, "family": "pythia"},
-        dtype="auto",
-        device=args.device,
         batch_size=args.batch_size,
-        limit=args.limit,
+        settings=EvalSettings.from_config({"device": args.device, "limit": args.limit}),
         lm_options={"cuda_graphs": args.graphs == "on"},
     )
 
 
 def find_batch_worker(args: argparse.Namespace) -> None:
     """The workflow's batch-size search (what workflow/scripts/batch_size.py runs)."""
-    from kbit.evaluation.runner import choose_batch_size
+    from kbit.evaluation.batch_size import choose_batch_size
     from kbit.logs import setup_logging
+    from kbit.settings import EvalSettings
 
     setup_logging(None)
-    info = choose_batch_size(args.model_dir, "auto", dtype="auto", device=args.device)
+    settings = EvalSettings.from_config({"device": args.device})
+    info = choose_batch_size(args.model_dir, "auto", settings)
     Path(args.out).write_text(json.dumps(info))
 
 
@@ -218,17 +220,20 @@ def compare_docs(frames: dict, cli: dict) -> dict:
 
 
 def check_worker(args: argparse.Namespace) -> None:
-    """In-process fp16 evaluation, all tasks pooled like the CLI, exact and positions_only."""
-    from kbit.evaluation.runner import evaluate_tasks, load_model, load_prepared_tasks, make_lm
+    """In-process fp16 evaluation, all tasks pooled like the CLI, fast and plain scoring."""
+    from kbit.evaluation.lm import make_lm
+    from kbit.evaluation.runner import evaluate_tasks
+    from kbit.evaluation.tasks import load_tasks
+    from kbit.loading import load_model
     from kbit.logs import setup_logging
 
     setup_logging(None)
     cli = _cli_samples(Path(args.cli_out))
     model, tok = load_model(args.model_dir, "auto", args.device)
     report = {}
-    for mode, options in (("exact", {}), ("positions_only", {"positions_only": True})):
-        lm = make_lm(model, tok, args.batch_size, **options)
-        tasks = load_prepared_tasks(TASKS, args.tasks_dir)
+    for mode, fast in (("fast", True), ("plain", False)):
+        lm = make_lm(model, tok, args.batch_size, "auto", fast=fast)
+        tasks = load_tasks(TASKS, args.tasks_dir)
         t0 = time.perf_counter()
         res = evaluate_tasks(lm, tasks, limit=args.limit, together=True)
         wall = time.perf_counter() - t0
@@ -429,8 +434,8 @@ def markdown(report: dict) -> str:
         "max |log-likelihood difference| (documents whose log-likelihoods differ at all; "
         "documents whose greedy flags differ).",
         "",
-        "| model | mode | in-process, pooled like the CLI (exact) | same, positions_only | "
-        "batched job (per-task batches) | evaluate s exact / positions_only |",
+        "| model | mode | in-process, pooled like the CLI (fast scoring) | same, plain HFLM "
+        "scoring | batched job (per-task batches) | evaluate s fast / plain |",
         "|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
@@ -444,7 +449,7 @@ def markdown(report: dict) -> str:
                 f"{d['docs_greedy_differ']})"
             )
 
-        ex, po = c.get("exact"), c.get("positions_only")
+        ex, po = c.get("fast"), c.get("plain")
         times = f"{ex['evaluate_s']:.1f} / {po['evaluate_s']:.1f}" if ex and po else ""
         lines.append(
             f"| {r['model']} | {r.get('mode', '')} | {cell(ex)} | {cell(po)} "

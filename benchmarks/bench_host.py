@@ -13,7 +13,7 @@ ablation of the host-side measures, all in one invocation:
 
 * ``none``: none of them (per-use template compilation, every batch re-planned per spec, no
   ``gc.freeze``, documents re-read from the dataset per spec);
-* ``templates``: lm-eval's prompt templates compiled once (``kbit.evaluation.templates``);
+* ``templates``: lm-eval's prompt templates compiled once (``kbit.evaluation.speed.templates``);
 * ``+freeze``: also ``gc.freeze()`` after preparing the tasks (as ``evaluate_specs`` does);
 * ``+docs``: also documents read once per task;
 * ``all``: also batch plans reused across specs (``ReusingHFLM.reuse_plans``), the workflow.
@@ -68,14 +68,9 @@ def measure(config: str, data: Path, limit: int, n_specs: int) -> dict:
     from lm_eval import utils
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-    from kbit.evaluation.runner import (
-        PreparedTask,
-        configure_like_cli,
-        load_prepared_tasks,
-        make_lm,
-        score_prepared,
-    )
-    from kbit.evaluation.tasks import prepare_tasks
+    from kbit.evaluation.lm import make_lm
+    from kbit.evaluation.runner import PreparedTask, configure_like_cli, score_prepared
+    from kbit.evaluation.tasks import load_tasks, prepare_tasks
 
     on = CONFIGS[config]
     original_apply = utils.apply_template
@@ -97,7 +92,7 @@ def measure(config: str, data: Path, limit: int, n_specs: int) -> dict:
         return torch.zeros(n), torch.ones(n, dtype=torch.bool)
 
     lm._run_batch = no_model
-    task_dict = load_prepared_tasks(TASKS, work / "tasks")
+    task_dict = load_tasks(TASKS, work / "tasks")
     configure_like_cli(task_dict)
     if "templates" not in on:
         utils.apply_template = original_apply

@@ -11,7 +11,7 @@ Builds a random-weight Pythia-shaped model in fp16 (the 1.4B or 160M shape of be
    how many do, and the kernels that run only in one of the two;
 5. per batch shape, the replayed graph's time per forward pass and whether it equals eager.
 
-``--nosync`` runs every forward pass inside ``kbit.evaluation.nosync.consecutive_positions``.
+``--nosync`` runs every forward pass inside ``kbit.evaluation.speed.nosync.consecutive_positions``.
 
 Usage (on a CUDA machine)::
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_eval import random_pythia  # noqa: E402
 
-from kbit.evaluation.nosync import consecutive_positions  # noqa: E402
+from kbit.evaluation.speed.nosync import consecutive_positions  # noqa: E402
 
 SHAPES = [(64, 24), (64, 40), (64, 110)]
 

@@ -3,7 +3,7 @@
 Builds a random-weight Pythia-shaped model (bench_eval.build_model), prepares the five tasks from
 the original files (first 1500 documents each), scores them once to warm up, then scores every
 task four more times alternating transformers' per-forward host sync on position ids off / on /
-off / on (``kbit.evaluation.nosync``; "on" is the plain transformers forward), printing per
+off / on (``kbit.evaluation.speed.nosync``; "on" is the plain transformers forward), printing per
 task the scoring wall time, the time inside lm-eval's loglikelihood call ("ll"), the host
 post-processing after it ("post"), the forward time (CUDA events), tokens and padded tokens;
 finally one profiled pass per task (torch.profiler, CUDA activity) sums kernel time by kind
@@ -31,16 +31,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_eval import TASKS, build_model  # noqa: E402
 
-import kbit.evaluation.batching as batching  # noqa: E402
-from kbit.evaluation.runner import (  # noqa: E402
-    PreparedTask,
-    configure_like_cli,
-    load_model,
-    load_prepared_tasks,
-    make_lm,
-    score_prepared,
-)
-from kbit.evaluation.tasks import prepare_tasks  # noqa: E402
+import kbit.evaluation.speed.scoring as scoring  # noqa: E402
+from kbit.evaluation.lm import make_lm  # noqa: E402
+from kbit.evaluation.runner import PreparedTask, configure_like_cli, score_prepared  # noqa: E402
+from kbit.evaluation.tasks import load_tasks, prepare_tasks  # noqa: E402
+from kbit.loading import load_model  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
 size, bs = sys.argv[1], int(sys.argv[2])
@@ -51,7 +46,7 @@ model, tok = load_model(mdir, "auto", "cuda")
 print("attn impl", model.config._attn_implementation, model.dtype, "params", n_params)
 lm = make_lm(model, tok, bs)
 print("lm device", lm.device)
-td = load_prepared_tasks(TASKS, work / "tasks")
+td = load_tasks(TASKS, work / "tasks")
 configure_like_cli(td)
 prep = {n: PreparedTask(n, td["tasks"][n], 1500, lm) for n in TASKS}
 gc.freeze()
@@ -68,9 +63,9 @@ for name in ("loglikelihood", "loglikelihood_rolling"):
     setattr(lm, name, timed)
 for n in TASKS:
     score_prepared(lm, prep[n])
-skip_sync = batching.consecutive_positions
+skip_sync = scoring.consecutive_positions
 for sync in (False, True, False, True):
-    batching.consecutive_positions = contextlib.nullcontext if sync else skip_sync
+    scoring.consecutive_positions = contextlib.nullcontext if sync else skip_sync
     tot = collections.Counter()
     for n in TASKS:
         ll_time[0] = 0.0
@@ -92,7 +87,7 @@ for sync in (False, True, False, True):
     print(f"sync={sync} TOTAL " + " ".join(f"{k}={v:.3f}" for k, v in tot.items()), flush=True)
 print("peak mem GiB", torch.cuda.max_memory_allocated() / 2**30)
 
-batching.consecutive_positions = skip_sync
+scoring.consecutive_positions = skip_sync
 for n in TASKS:
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         t0 = time.perf_counter()

@@ -23,23 +23,25 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kbit.accounting import sqnr_stats, summarize
 from kbit.blockwise import QTensor
 from kbit.codebooks import codebook_for, element_grid
 from kbit.io import atomic_dir, write_json
+from kbit.loading import load_causal_lm
+from kbit.methods import quantize_with
 from kbit.model_quant import (
     QuantizedWeight,
     TensorPlan,
-    quantize_model,
     sixteen_bit_dtype,
     untie_partially_selected,
 )
+from kbit.settings import QuantizeOptions
 from kbit.spec import MICROSCALING_DTYPES, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -67,26 +69,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def load_base_model(
-    model_dir: Path | str, *, device: str = "cpu", dtype: str | torch.dtype = "auto"
-) -> nn.Module:
-    """Load a causal LM from a local directory: safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ArtifactError(f"{model_dir} is not a model directory (no config.json)")
-    if not list(model_dir.glob("*.safetensors")):
-        raise ArtifactError(
-            f"{model_dir} has no *.safetensors weights; pickle checkpoints (.bin/.pt) are refused "
-            "because loading them runs arbitrary code: convert them to safetensors first"
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
-    return model.to(device).eval()
-
-
 def quantize_to_artifact(
     model_dir: Path | str,
     spec: QuantSpec | str,
@@ -94,44 +76,73 @@ def quantize_to_artifact(
     *,
     device: str = "cpu",
     dtype: str | torch.dtype = "auto",
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    quantize_embeddings: bool = False,
-    quantize_lm_head: bool = False,
+    options: QuantizeOptions | None = None,
+    trust_remote_code: bool = False,
+    calibration: torch.Tensor | None = None,
+    gptq: Mapping[str, Any] | None = None,
+    assignment: Any = None,
 ) -> dict[str, Any]:
     """Quantize the model in ``model_dir`` and write ``out_dir`` atomically; returns kbit.json.
 
     ``dtype`` is the dtype the model is loaded in (``"auto"``: the checkpoint's). Quantization
     itself runs in float32 on the exact weights, so loading the artifact into a model loaded in
     the same dtype reproduces ``quantize_model`` exactly. The baseline spec writes kbit.json only.
+    GPTQ specs need ``calibration`` tokens (and take ``gptq`` settings), mixed specs their
+    search's ``assignment`` (:func:`kbit.methods.quantize_with`).
+    """
+    model = load_causal_lm(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+    return write_artifact(
+        model,
+        model_dir,
+        spec,
+        out_dir,
+        options=options,
+        calibration=calibration,
+        gptq=gptq,
+        assignment=assignment,
+        settings={"load_dtype": str(dtype).replace("torch.", ""), "device": device},
+    )
+
+
+def write_artifact(
+    model: nn.Module,
+    model_dir: Path | str,
+    spec: QuantSpec | str,
+    out_dir: Path | str,
+    *,
+    options: QuantizeOptions | None = None,
+    calibration: torch.Tensor | None = None,
+    gptq: Mapping[str, Any] | None = None,
+    assignment: Any = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize an already loaded ``model`` (of ``model_dir``) in place and write the artifact.
+
+    For several specs of one model, restore the weights between calls
+    (:class:`kbit.model_quant.WeightSnapshot`); ``settings`` are recorded in kbit.json.
     """
     from safetensors.torch import save_file
 
     spec = QuantSpec.parse(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model = load_base_model(model_dir, device=device, dtype=dtype)
+    options = options or QuantizeOptions()
     stored: dict[str, QuantizedWeight] = {}
 
     def keep(qw: QuantizedWeight) -> None:
         stored[qw.plan.name] = _to_cpu(qw)
 
-    settings = {
-        "include": list(include or []),
-        "exclude": list(exclude or []),
-        "quantize_embeddings": bool(quantize_embeddings),
-        "quantize_lm_head": bool(quantize_lm_head),
-        "load_dtype": str(dtype).replace("torch.", ""),
-        "device": device,
-    }
-    rows = quantize_model(
+    done = quantize_with(
         model,
         spec,
-        include=include,
-        exclude=exclude,
-        quantize_embeddings=quantize_embeddings,
-        quantize_lm_head=quantize_lm_head,
+        options,
+        calibration=calibration,
+        gptq=gptq,
+        assignment=assignment,
         on_tensor=keep,
     )
+    rows = done.rows
     model_dtype = next(model.parameters()).dtype
     untied = [r["name"] for r in rows if r["untied"]]
     meta: dict[str, Any] = {
@@ -139,15 +150,18 @@ def quantize_to_artifact(
         "format_version": FORMAT_VERSION,
         "quant": spec.id,
         "spec": spec.to_dict(),
-        "settings": settings,
+        "settings": {**options.kwargs(), **dict(settings or {})},
         "base_model": str(model_dir.resolve()),
         "model_type": getattr(model.config, "model_type", None),
         "model_dtype": str(model_dtype).replace("torch.", ""),
         "untied": untied,
         "versions": _versions(),
-        "summary": {**summarize(rows), **sqnr_stats(rows)},
+        "summary": done.summary,
+        **done.details,
         "tensors": rows,
     }
+    if gptq is not None and spec.method == "gptq":
+        meta["gptq_settings"] = dict(gptq)
 
     def write(tmp: Path) -> None:
         if not spec.is_baseline:

@@ -385,8 +385,8 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 
 def _kernel_fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
-    """The fused GPU path for absmax types, or None when it does not apply or is missing."""
-    if not w.is_cuda or spec.dtype in MICROSCALING_DTYPES or w.dtype not in _SCALE_TORCH.values():
+    """The fused GPU path (every type), or None when it does not apply or is missing."""
+    if not w.is_cuda or w.dtype not in _SCALE_TORCH.values():
         return None
     try:
         from kbit import kernels
@@ -401,10 +401,14 @@ def _kernel_fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | No
         src = src.float()
         mean = center_mean(src)
         src = src - mean.float()
-    grid = codebook_for(spec, src if spec.dtype == "quantile" else None)
-    if spec.dtype == "quantile":
-        grid = grid.to(torch.float16).float().unique()
-    y = kernels.fake_quantize_blockwise(src, grid, spec.block_size, _SCALE_TORCH[spec.scale_dtype])
+    if spec.dtype in MICROSCALING_DTYPES:
+        y = kernels.fake_quantize_microscaling(src, spec)
+    else:
+        grid = codebook_for(spec, src if spec.dtype == "quantile" else None)
+        if spec.dtype == "quantile":
+            grid = grid.to(torch.float16).float().unique()
+        scale_dtype = _SCALE_TORCH[spec.scale_dtype]
+        y = kernels.fake_quantize_blockwise(src, grid, spec.block_size, scale_dtype)
     if mean is not None:
         y = y + mean.float()
     return y.to(w.dtype).view(w.shape)
@@ -490,3 +494,42 @@ def fake_quantize_blockwise_reference(
         s = _divisor_of(plan, start, stop)
         out[start:stop] = _decode(_encode(flat[start:stop], s, plan), s, plan).to(x.dtype)
     return out.view(x.shape)
+
+
+def block_scales(
+    values_2d: torch.Tensor, spec: QuantSpec | str, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Block constants of the blocks given as the rows of ``values_2d``, as :func:`quantize`
+    computes them: ``(stored scales, fp32 divisors s, nvfp global scale or None)``.
+
+    For quantizers that fix blocks one at a time (GPTQ fixes a block from error-updated
+    values): absmax types round the row absmax to ``spec.scale_dtype``, mxfp/mxint take the
+    E8M0 exponent from ``frexp``, nvfp the E4M3 ratio to ``6 * global_scale``. nvfp needs the
+    whole tensor's global scale; without ``global_scale`` it is taken from ``values_2d``, so
+    ``block_scales(x.view(1, -1), spec)[2]`` is the one :func:`quantize` stores for ``x``.
+    A row may repeat one of its own values (padding a short block leaves its absmax as is).
+    """
+    spec = QuantSpec.parse(spec)
+    if spec.is_baseline:
+        raise SpecError("fp16 is the unquantized baseline: it has no block constants")
+    if values_2d.dim() != 2 or values_2d.numel() == 0:
+        raise ValueError(f"values_2d must be a non-empty 2-D tensor, got {tuple(values_2d.shape)}")
+    absmax = values_2d.detach().to(torch.float32).abs().amax(dim=1)
+    if spec.dtype not in MICROSCALING_DTYPES:
+        scales = round_scale(absmax, spec.scale_dtype)
+        return scales, scales.float(), None
+    g = element_grid(spec)
+    if spec.dtype == "mxfp" or spec.dtype == "mxint":
+        _, e = torch.frexp(absmax)
+        shared = torch.where(absmax > 0, e.to(torch.int32) - 1 - g.emax, -_E8M0_BIAS)
+        scales = (shared.clamp(-_E8M0_BIAS, _E8M0_BIAS) + _E8M0_BIAS).to(torch.uint8)
+        return scales, _e8m0_value(scales), None
+    if global_scale is None:  # scalar arithmetic on the CPU, as in _microscaling_plan
+        amax = absmax.amax().cpu()
+        global_scale = amax / torch.tensor(_E4M3_MAX * g.max, dtype=torch.float32)
+    gs_cpu = global_scale.detach().cpu().to(torch.float32)
+    denom = torch.full_like(absmax, (g.max * gs_cpu).item())
+    ratio = torch.where(denom > 0, absmax / denom, torch.zeros_like(absmax))
+    scales = ratio.clamp(max=_E4M3_MAX).to(torch.float8_e4m3fn)
+    gs = gs_cpu.to(absmax.device)
+    return scales, scales.float() * gs, gs

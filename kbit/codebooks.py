@@ -27,7 +27,10 @@ PAPER.md exactly:
 ``mxfp`` / ``mxint`` / ``nvfp``
     The OCP Microscaling v1.0 element grids (and NVFP4's E2M1), normalised by their max. The
     quantizer works on the *raw* grids (see :func:`element_grid`), because microscaling scales
-    are powers of two (or E4M3 values) chosen from the raw element maximum.
+    are powers of two (or E4M3 values) chosen from the raw element maximum. MXINT generalises
+    OCP's MXINT8 (8-bit two's complement, implicit scale 2^-6, used symmetrically without -2)
+    to k bits: ``i / 2^(k-2)`` for ``|i| <= 2^(k-1) - 1`` (MXINT4: -1.75 .. 1.75 in steps of
+    0.25), emax 0.
 """
 
 from __future__ import annotations
@@ -148,11 +151,14 @@ def _nf_codebook(bits: int) -> torch.Tensor:
 @cache
 def _element_grid_cached(dtype: str, bits: int, exponent_bits: int | None) -> ElementGrid:
     if dtype == "mxint":
-        # two's complement with 6 fraction bits, symmetric: k * 2^-6 for k in -127..127
-        ks = torch.arange(-127, 128, dtype=torch.float64)
-        values = (ks / 64.0).to(torch.float32)
+        # k-bit two's complement with k-2 fraction bits (OCP MXINT8: 6), used symmetrically:
+        # i / 2^(k-2) for i in -(2^(k-1) - 1) .. 2^(k-1) - 1, so the largest power of two not
+        # above the maximum (< 2) is 2^0 and emax is 0 for every width
+        top = 2 ** (bits - 1) - 1
+        ks = torch.arange(-top, top + 1, dtype=torch.float64)
+        values = (ks / 2 ** (bits - 2)).to(torch.float32)
         even = (ks.to(torch.int64) % 2) == 0
-        return ElementGrid(values, even, 127 / 64, 0)
+        return ElementGrid(values, even, top / 2 ** (bits - 2), 0)
     e = int(exponent_bits)  # validated by QuantSpec
     m = bits - 1 - e
     special = {(4, 3): "e4m3", (5, 2): "ieee"}.get((e, m), "none")
@@ -170,7 +176,7 @@ def element_grid(spec: QuantSpec) -> ElementGrid:
     """Raw element grid of a microscaling spec (mxfp, mxint, nvfp): values in native units.
 
     E2M1 max 6, E2M3 7.5, E3M2 28, E4M3 448 (S.1111.111 is NaN), E5M2 57344 (inf/NaN
-    excluded), MXINT8 127/64.
+    excluded), MXINT8 127/64, MXINT4 7/4 (MXINTk: (2^(k-1) - 1) / 2^(k-2)).
     """
     if spec.dtype not in ("mxfp", "mxint", "nvfp"):
         raise SpecError(f"element_grid is for mxfp, mxint and nvfp specs, not {spec.dtype!r}")

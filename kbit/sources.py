@@ -31,48 +31,89 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TINY_ARCHS = ("gpt_neox", "opt", "gpt2", "bloom", "llama")
 
 
+#: provenance file every materialised model directory gets (source, revision, commit)
+SOURCE_FILE = "kbit_source.json"
+
+
 class ModelSourceError(RuntimeError):
     """A model that cannot be fetched or converted; the message says what to do."""
 
 
-def download_hub_model(hf_id: str, revision: str, out_dir: Path) -> Path:
-    """Snapshot ``hf_id`` at ``revision`` into ``out_dir``, safetensors weights only.
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_snapshot(hf_id: str, revision: str | None, local_dir: Path | None = None) -> Path:
+    """``huggingface_hub.snapshot_download`` of the safetensors weights, config and tokenizer
+    files only, into ``local_dir`` (or the hub cache); the snapshot's directory.
 
     Honours ``HF_HUB_OFFLINE`` (then only the local cache is used). A repository that publishes
     only pickle weights is refused: loading them would execute arbitrary code.
     """
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    with atomic_dir(out_dir) as tmp:
-        try:
+    kwargs = {"local_dir": local_dir} if local_dir is not None else {}
+    try:
+        snap = Path(
             snapshot_download(
-                repo_id=hf_id,
-                revision=revision,
-                allow_patterns=HUB_ALLOW_PATTERNS,
-                local_dir=tmp,
+                repo_id=hf_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **kwargs
             )
-        except Exception as err:  # network, auth, unknown revision, missing cache offline
-            hint = (
-                "HF_HUB_OFFLINE is set and the model is not in the local cache: download it on a "
-                "machine with internet (huggingface-cli download) or point the config entry at a "
-                "local 'path'"
-                if offline
-                else "check the id and revision, your network and HF_TOKEN"
-            )
-            raise ModelSourceError(
-                f"cannot download {hf_id}@{revision}: {type(err).__name__}: {err}. {hint}"
-            ) from err
+        )
+    except Exception as err:  # network, auth, unknown revision, missing cache offline
+        hint = (
+            "HF_HUB_OFFLINE is set and the model is not in the local cache: download it on a "
+            "machine with internet (`snakemake --until download` on a login node, or "
+            "huggingface-cli download) or point the config entry at a local 'path'"
+            if _offline()
+            else "check the id and revision, your network and HF_TOKEN"
+        )
+        raise ModelSourceError(
+            f"cannot download {hf_id}@{revision}: {type(err).__name__}: {err}. {hint}"
+        ) from err
+    if not list(snap.glob("*.safetensors")):
+        pickles = [] if _offline() else _hub_pickle_files(hf_id, revision)
+        raise ModelSourceError(
+            f"{hf_id}@{revision} has no safetensors weights"
+            + (f" (only pickle files: {', '.join(pickles[:4])})" if pickles else "")
+            + ". Pickle weights are refused because loading them runs arbitrary code; convert "
+            "them to safetensors yourself and point the config entry at the local 'path'."
+        )
+    return snap
+
+
+def _snapshot_commit(local_dir: Path, hf_id: str, revision: str) -> str | None:
+    """The commit hash a local-dir snapshot was taken at (huggingface_hub's download metadata,
+    whose first line is the commit), else the hub's answer for ``revision``, else None."""
+    meta_dir = local_dir / ".cache" / "huggingface" / "download"
+    for meta in sorted(meta_dir.rglob("*.metadata")) if meta_dir.is_dir() else []:
+        first = meta.read_text(errors="replace").split("\n", 1)[0].strip()
+        if len(first) == 40 and all(c in "0123456789abcdef" for c in first):
+            return first
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    if _offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(hf_id, revision=revision).sha
+    except Exception:
+        return None
+
+
+def download_hub_model(hf_id: str, revision: str, out_dir: Path) -> Path:
+    """Snapshot ``hf_id`` at ``revision`` into ``out_dir`` (atomically), safetensors only.
+
+    ``kbit_source.json`` records the source and the resolved commit hash, so that a study can
+    be frozen (a branch such as ``main`` moves; the commit does not).
+    """
+    with atomic_dir(out_dir) as tmp:
+        hub_snapshot(hf_id, revision, tmp)
+        commit = _snapshot_commit(tmp, hf_id, revision)
         for cache in tmp.glob(".cache"):
             shutil.rmtree(cache, ignore_errors=True)
-        if not list(tmp.glob("*.safetensors")):
-            pickles = _hub_pickle_files(hf_id, revision)
-            raise ModelSourceError(
-                f"{hf_id}@{revision} has no safetensors weights"
-                + (f" (only pickle files: {', '.join(pickles[:4])})" if pickles else "")
-                + ". Pickle weights are refused because loading them runs arbitrary code; convert "
-                "them to safetensors yourself and point the config entry at the local 'path'."
-            )
+        source = {"hf_id": hf_id, "revision": revision, "commit": commit}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     return out_dir
 
 
@@ -86,12 +127,14 @@ def _hub_pickle_files(hf_id: str, revision: str) -> list[str]:
     return [f for f in files if f.endswith(PICKLE_SUFFIXES)]
 
 
-def convert_gguf(gguf_file: str | Path, out_dir: Path, dtype: str = "float16") -> Path:
+def convert_gguf(gguf_file: str | Path, out_dir: Path, dtype: str = "float32") -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors model directory.
 
-    transformers reads GGUF through the ``gguf`` package; the result is stored at ``dtype`` so
-    that the workflow's 16-bit baseline is the GGUF model as published (its own quantization
-    error included).
+    transformers reads GGUF through the ``gguf`` package, which dequantizes every block
+    (``d * q + m`` for Q4_1, with fp16 constants) in float32. Those values are exactly float32
+    numbers and generally not float16 or bfloat16 ones, so the copy is stored in float32
+    (``dtype``): the model the study evaluates is the GGUF's own weights, its quantization error
+    included, and the evaluation dtype (recorded per row) is the only cast.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,7 +162,8 @@ def convert_gguf(gguf_file: str | Path, out_dir: Path, dtype: str = "float16") -
         tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "kbit_source.json").write_text(json.dumps({"gguf": str(gguf_file)}, indent=2))
+        source = {"gguf": str(gguf_file), "dtype": dtype}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     return out_dir
 
 
@@ -275,7 +319,7 @@ def build_tiny_model(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "kbit_source.json").write_text(
+        (tmp / SOURCE_FILE).write_text(
             json.dumps({"tiny": arch, "seed": seed, "tokenizer": str(tokenizer)}, indent=2)
         )
     return out_dir
@@ -290,3 +334,41 @@ To open a jar that is stuck, run the lid under hot water for a minute.
 He walked to the store, bought some bread, and went back home before dark.
 The committee met on Tuesday and agreed to publish the report next month.
 Rain fell over the valley all night, and by morning the fields were flooded."""
+
+
+def materialise(entry: dict[str, Any], out_dir: Path) -> Path:
+    """Make the model directory of one config entry (``hf_id``, ``gguf`` or ``tiny``) at
+    ``out_dir``, atomically; a ``path`` entry needs nothing."""
+    if "hf_id" in entry:
+        return download_hub_model(entry["hf_id"], entry["revision"], out_dir)
+    if "gguf" in entry:
+        return convert_gguf(entry["gguf"], out_dir)  # a path or pkg://<package>/<file>
+    if "tiny" in entry:
+        tiny = dict(entry["tiny"])
+        tok = tiny.pop("tokenizer", None)
+        if tok is not None and not Path(tok).exists():
+            raise ModelSourceError(f"tiny model tokenizer {tok} does not exist")
+        return build_tiny_model(
+            tiny.pop("arch"),
+            out_dir,
+            tokenizer=Path(tok) if tok else None,
+            seed=tiny.pop("seed", 0),
+            **tiny,
+        )
+    raise ModelSourceError(f"model entry {entry} has no source to materialise (hf_id, gguf, tiny)")
+
+
+def lock_entries(model_dirs: dict[str, Path | str], entries: dict[str, dict]) -> dict[str, Any]:
+    """The models lock: for every model key its source and the commit its files came from
+    (``kbit_source.json``), as written to ``results/models.lock.yaml``."""
+    models = {}
+    for key, folder in model_dirs.items():
+        entry = entries[key]
+        path = Path(folder) / SOURCE_FILE
+        source = json.loads(path.read_text()) if path.is_file() else {}
+        row = {k: entry[k] for k in ("hf_id", "revision", "gguf", "path") if k in entry}
+        if "tiny" in entry:
+            row["tiny"] = entry["tiny"].get("arch")
+        row["commit"] = source.get("commit")
+        models[key] = row
+    return {"models": models}

@@ -21,7 +21,9 @@ from kbit.artifact import (
 )
 from kbit.blockwise import quantize
 from kbit.cli import main
+from kbit.loading import ModelLoadError
 from kbit.model_quant import quantize_model
+from kbit.settings import QuantizeOptions
 from kbit.spec import QuantSpec
 
 
@@ -57,7 +59,7 @@ CASES = [
 @pytest.mark.parametrize(("arch", "spec", "options"), CASES)
 def test_round_trip_is_bitwise_equal_to_quantize_model(model_dirs, tmp_path, arch, spec, options):
     out = tmp_path / "art"
-    meta = quantize_to_artifact(model_dirs[arch], spec, out, **options)
+    meta = quantize_to_artifact(model_dirs[arch], spec, out, options=QuantizeOptions(**options))
     assert sorted(p.name for p in out.iterdir()) == sorted([META, WEIGHTS])
     expected = load(model_dirs[arch])
     rows = quantize_model(expected, spec, **options)
@@ -81,7 +83,7 @@ def test_round_trip_is_bitwise_equal_to_quantize_model(model_dirs, tmp_path, arc
 @pytest.mark.parametrize(("arch", "spec", "options"), CASES)
 def test_size_on_disk_matches_the_accounting(model_dirs, tmp_path, arch, spec, options):
     out = tmp_path / "art"
-    meta = quantize_to_artifact(model_dirs[arch], spec, out, **options)
+    meta = quantize_to_artifact(model_dirs[arch], spec, out, options=QuantizeOptions(**options))
     path = out / WEIGHTS
     size = path.stat().st_size
     header = 8 + header_len(path)
@@ -124,9 +126,8 @@ def test_baseline_writes_accounting_only(model_dirs, tmp_path):
 
 def test_metadata_records_the_run(model_dirs, tmp_path):
     out = tmp_path / "art"
-    meta = quantize_to_artifact(
-        model_dirs["gpt2"], "int4-b64", out, include=["mlp"], quantize_lm_head=True
-    )
+    options = QuantizeOptions(include=["mlp"], quantize_lm_head=True)
+    meta = quantize_to_artifact(model_dirs["gpt2"], "int4-b64", out, options=options)
     assert meta["settings"]["include"] == ["mlp"] and meta["settings"]["quantize_lm_head"]
     assert meta["untied"] == ["transformer.wte.weight"]
     assert set(meta["versions"]) == {"kbit", "torch", "transformers"}
@@ -166,7 +167,7 @@ def test_refuses_pickle_only_model_dirs(tmp_path):
     d.mkdir()
     (d / "config.json").write_text("{}")
     (d / "pytorch_model.bin").write_bytes(b"\x80")
-    with pytest.raises(ArtifactError, match="safetensors"):
+    with pytest.raises(ModelLoadError, match="safetensors"):
         quantize_to_artifact(d, "int4-b64", tmp_path / "out")
 
 

@@ -17,9 +17,11 @@ import torch
 from lm_eval_cli import reported_metrics, run_lm_eval_cli
 from models import shared_data_dir, tiny_model_dir
 
+from kbit.evaluation.lm import make_lm
 from kbit.evaluation.metrics import task_metrics
-from kbit.evaluation.runner import evaluate_tasks, load_model, make_lm
+from kbit.evaluation.runner import evaluate_tasks
 from kbit.evaluation.tasks import build_task_dict, prepare_tasks
+from kbit.loading import load_model
 
 TASKS = ["lambada_openai", "piqa", "hellaswag", "winogrande", "wikitext"]
 LIMIT = 20

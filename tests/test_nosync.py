@@ -1,4 +1,4 @@
-"""Forward passes without transformers' host sync on position ids (kbit.evaluation.nosync)."""
+"""Forward passes without transformers' host sync on position ids (kbit.evaluation.speed.nosync)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from models import ARCHS, tiny_model, tiny_tokenizer
 from transformers import masking_utils
 
-from kbit.evaluation.nosync import consecutive_positions
-from kbit.evaluation.runner import make_lm
+from kbit.evaluation.lm import make_lm
+from kbit.evaluation.speed.nosync import consecutive_positions
 
 #: families whose forward builds arange position ids and hands them to create_causal_mask
 OWN_POSITIONS = ("gpt_neox", "gpt2", "llama")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from models import ARCHS, shared_data_dir, tiny_model, tiny_model_dir, tiny_tokenizer
 
-from kbit.evaluation.batching import (
+from kbit.evaluation.batch_size import (
     DEFAULT_CPU_BATCH_SIZE,
     cpu_batch_size,
     find_batch_size,
@@ -20,17 +20,14 @@ from kbit.evaluation.batching import (
     search_batch_size,
     write_batch_size,
 )
+from kbit.evaluation.lm import make_lm
 from kbit.evaluation.metrics import task_metrics
 from kbit.evaluation.progress import Progress
 from kbit.evaluation.records import write_parquet
-from kbit.evaluation.runner import (
-    evaluate_one,
-    evaluate_specs,
-    load_model,
-    matmul_params,
-    resolve_dtype,
-)
+from kbit.evaluation.runner import evaluate_one, evaluate_specs, matmul_params
 from kbit.evaluation.tasks import build_task_dict
+from kbit.loading import ModelLoadError, load_model, resolve_dtype
+from kbit.settings import EvalSettings, QuantizeOptions
 
 TASKS = ["lambada_openai", "piqa", "winogrande"]
 SPECS = ["fp16", "int4-b64", "float3-e2-b64"]
@@ -38,6 +35,11 @@ LIMIT = 6
 META = {"model": "tiny", "hf_id": "local/tiny", "revision": "none", "family": "test"}
 #: columns that measure time and so differ between any two runs
 TIMED = {"wall_time_s", "forward_time_s", "flop_per_s"}
+
+
+def _settings(**over: object) -> EvalSettings:
+    """CPU float32 evaluation (the schema's defaults for everything else)."""
+    return EvalSettings.from_config({"dtype": "float32", "device": "cpu", **over})
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +64,13 @@ def test_batched_equals_one_job_per_spec(setup: dict, caplog: pytest.LogCaptureF
     for q in SPECS:
         evaluate_one(
             setup["model"], q, _tasks(setup), root / "single" / q, META,
-            dtype="float32", device="cpu", batch_size=4, limit=LIMIT,
+            batch_size=4, settings=_settings(limit=LIMIT),
         )  # fmt: skip
     paths = _paths(root / "batched")
     with caplog.at_level(logging.INFO, logger="kbit.evaluation"):
         written = evaluate_specs(
             setup["model"], SPECS, _tasks(setup), paths, META,
-            dtype="float32", device="cpu", batch_size=4, limit=LIMIT,
+            batch_size=4, settings=_settings(limit=LIMIT),
         )  # fmt: skip
     assert set(written) == set(paths)
     assert any("tasks" in r.getMessage() and "rows" in r.getMessage() for r in caplog.records)
@@ -98,7 +100,7 @@ def _mm(setup: dict) -> int:
 
 def test_batched_is_resumable(setup: dict) -> None:
     paths = _paths(setup["tmp"] / "resume")
-    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 2}
+    kw = {"batch_size": 4, "settings": _settings(limit=2)}
     first = evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, **kw)
     assert len(first) == len(paths)
     before = {p: p.stat().st_mtime_ns for p in paths.values()}
@@ -111,38 +113,52 @@ def test_batched_is_resumable(setup: dict) -> None:
             assert p.stat().st_mtime_ns == t
 
 
-def test_cuda_graphs_default_to_on_for_many_specs(
-    setup: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The batched job captures CUDA graphs only when enough specs are left to pay for the
-    capture; an explicit ``lm_options`` setting wins."""
-    import kbit.evaluation.runner as runner
+def test_graph_policy_decides_by_measurement(tmp_path: Path) -> None:
+    """Graphs are captured only when the specs left can repay the capture, kept only while a
+    replay is faster than an eager spec, and the measurement is cached for the next job."""
+    from kbit.evaluation.speed.graphs import GraphPolicy
 
-    class Stop(Exception):
-        pass
-
-    seen = []
-
-    def record(*args: object, **kw: object) -> None:
-        seen.append(kw.get("cuda_graphs"))
-        raise Stop
-
-    monkeypatch.setattr(runner, "make_lm", record)
-    monkeypatch.setattr(runner, "GRAPH_MIN_SPECS", 3)
-    paths = _paths(setup["tmp"] / "graphs")
-    for specs, options in ((SPECS, None), (SPECS[:2], None), (SPECS, {"cuda_graphs": False})):
-        with pytest.raises(Stop):
-            evaluate_specs(
-                setup["model"], specs, _tasks(setup), paths, META, device="cpu", lm_options=options
-            )
-    assert seen == [True, False, False]
+    cache = tmp_path / "graphs.json"
+    # no cache: spec 1 measures the capture (5 specs left), spec 2 the saving (10 - 7 = 3 s)
+    p = GraphPolicy("auto", 6, "gpu|shape", cache)
+    assert not p.use(0)
+    p.record(0, 10.0, graphs=False)
+    assert p.use(1)
+    p.record(1, 25.0, graphs=True)  # eager pass + capture + check: capture costs 15 s
+    assert p.use(2)
+    p.record(2, 7.0, graphs=True)
+    assert (p.capture_s, p.saving_s) == (15.0, 3.0)
+    assert p.use(3) and p.use(5)
+    # the next job with 5 specs: 3 x 3 s repay less than 15 s, no capture; with 8: 6 x 3 s do
+    q = GraphPolicy("auto", 5, "gpu|shape", cache)
+    q.record(0, 10.0, graphs=False)
+    assert not q.use(1) and not q.use(2)
+    r = GraphPolicy("auto", 8, "gpu|shape", cache)
+    r.record(0, 10.0, graphs=False)
+    assert r.use(1) and "cached capture cost 15.00 s" in r.decisions[0]
+    # replays slower than eager (an H200 at its own batch size): off after the measurement
+    slow = GraphPolicy("auto", 6, "other", cache)
+    slow.record(0, 10.0, graphs=False)
+    assert slow.use(1)
+    slow.record(1, 20.0, graphs=True)
+    slow.record(2, 10.2, graphs=True)
+    assert not slow.use(3) and "off" in slow.decisions[-1]
+    # too few specs to learn on; forced modes; a broken capture stays off
+    few = GraphPolicy("auto", 2, "new", cache)
+    few.record(0, 10.0, graphs=False)
+    assert not few.use(1)
+    assert GraphPolicy(True, 2, "k", cache).use(0)
+    assert not GraphPolicy(True, 2, "k", cache).use(1, graphs_ok=False)
+    assert not GraphPolicy(False, 9, "k", cache).use(4)
 
 
 def test_evaluate_specs_needs_every_output_path(setup: dict) -> None:
     paths = _paths(setup["tmp"] / "x")
     del paths[("fp16", "piqa")]
     with pytest.raises(ValueError, match=r"fp16.*piqa"):
-        evaluate_specs(setup["model"], SPECS, _tasks(setup), paths, META, device="cpu")
+        evaluate_specs(
+            setup["model"], SPECS, _tasks(setup), paths, META, batch_size=4, settings=_settings()
+        )
 
 
 def test_parquet_schema_and_atomic_write(tmp_path: Path) -> None:
@@ -187,7 +203,8 @@ def test_cpu_batch_size_is_capped_by_host_memory() -> None:
     [(37, 512, 32), (50, 512, 48), (64, 512, 64), (1000, 512, 512), (1000, 100, 64), (0, 512, 0)],
 )
 def test_batch_size_search_steps(limit: int, cap: int, expected: int) -> None:
-    """Powers of two, then quarter steps below the first that does not fit, never past the cap."""
+    """Powers of two, then every quarter step below the first that does not fit, never past the
+    cap, and the winner measured a second time."""
     probes: list[int] = []
 
     def fits(bs: int) -> bool:
@@ -195,9 +212,29 @@ def test_batch_size_search_steps(limit: int, cap: int, expected: int) -> None:
         return bs <= limit
 
     assert search_batch_size(fits, cap) == expected
-    assert max(probes) <= max(cap, 1) and len(probes) <= 13
+    assert max(probes) <= max(cap, 1) and len(probes) <= 14
     if limit == 50:
-        assert probes == [1, 2, 4, 8, 16, 32, 64, 40, 48, 56]
+        assert probes == [1, 2, 4, 8, 16, 32, 64, 40, 48, 56, 48]
+
+
+def test_batch_size_search_when_memory_is_not_monotonic() -> None:
+    """The H200's 1.4B peaks: 128 fits, 160 needs less than 128, 192 does not fit; a size that
+    fits only once (allocator state) is not taken."""
+    peaks = {1: 1, 2: 2, 4: 4, 8: 8, 16: 16, 32: 30, 64: 60, 128: 115.0, 160: 112.3, 192: 134.2,
+             224: 126.0, 256: 150.0}  # fmt: skip
+
+    def fits(bs: int) -> bool:
+        return peaks[bs] <= 127.0
+
+    assert search_batch_size(fits, 512) == 224  # probed past the failure at 192
+    flaky = {224: [True, False]}
+
+    def fits_once(bs: int) -> bool:
+        if bs in flaky:
+            return flaky[bs].pop(0)
+        return fits(bs)
+
+    assert search_batch_size(fits_once, 512) == 160
 
 
 def test_batch_size_on_cpu_and_json(tmp_path: Path) -> None:
@@ -222,7 +259,7 @@ def test_eval_dtype_and_bad_inputs(tmp_path: Path) -> None:
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError, match="allowed are"):
         resolve_dtype("int8", torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(tmp_path, device="cpu")
 
 
@@ -245,7 +282,7 @@ def test_artifact_job_equals_batched(setup: dict) -> None:
     spec, task = "int4-b64", "piqa"
     art = setup["tmp"] / "artifact"
     quantize_to_artifact(setup["model"], spec, art, device="cpu")
-    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 4}
+    kw = {"batch_size": 4, "settings": _settings(limit=4)}
     one = setup["tmp"] / "art-one.parquet"
     tasks = build_task_dict([task], setup["data"], setup["tmp"] / "tasks")
     evaluate_one(setup["model"], spec, tasks, one, META, artifact_dir=art, **kw)
@@ -258,18 +295,22 @@ def test_artifact_job_equals_batched(setup: dict) -> None:
 
 
 class _Named(dict):
-    """The attribute-and-get access of Snakemake's input/params objects."""
+    """The attribute-and-get access of Snakemake's input/params/wildcards objects."""
 
     __getattr__ = dict.__getitem__
 
 
-def _run_script(name: str, **fields: object) -> None:
+def _run_script(name: str, config: dict, **fields: object) -> None:
     import runpy
 
     smk = _Named(
-        input=_Named(fields["input"]),
-        params=_Named(fields["params"]),
-        output=list(fields["output"]),
+        config=config,
+        wildcards=_Named(fields.get("wildcards", {})),
+        input=fields["input"] if isinstance(fields.get("input"), list) else _Named(
+            fields.get("input", {})
+        ),
+        params=_Named(fields.get("params", {})),
+        output=fields["output"],
         log=list(fields["log"]),
     )
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "workflow" / "scripts" / name),
@@ -277,85 +318,109 @@ def _run_script(name: str, **fields: object) -> None:
 
 
 def test_workflow_scripts(setup: dict) -> None:
-    """batch_size.py -> evaluate.py (one job) and evaluate_batched.py give the same files."""
-    from kbit.evaluation.tasks import prepare_tasks
+    """prepare_task.py -> batch_size.py -> evaluate.py (one spec from its artifact, and all
+    specs batched) -> publish_eval.py: the same files either way, a restarted job takes finished
+    files from the cache, a changed setting is a new cache entry, and a failure is logged with
+    what to do on the first line."""
+    from kbit.artifact import quantize_to_artifact
+    from kbit.study import build_study
 
     tmp = setup["tmp"] / "scripts"
-    prepared = prepare_tasks(TASKS, setup["data"], tmp / "tasks")
-    settings = {"dtype": "float32", "device": "cpu", "limit": 3}
-    quantize = {"include": None, "exclude": None, "quantize_embeddings": False}
+    config = build_study(
+        {
+            "models": {"tiny": {"path": str(setup["model"]), "family": "test"}},
+            "tasks": TASKS,
+            "data_dir": str(setup["data"]),
+            "quant": {"specs": ["int4-b64"]},
+            "eval": {"dtype": "float32", "device": "cpu", "limit": 3, "batch_size": "auto"},
+        }
+    ).config
+    tasks_dir = tmp / "tasks"
+    for t in TASKS:
+        _run_script(
+            "prepare_task.py", config,
+            params={"task": t, "data_dir": str(setup["data"]), "corpus": None},
+            output=_Named(yaml=str(tasks_dir / t / f"{t}.yaml")), log=[str(tmp / f"{t}.log")],
+        )  # fmt: skip
     bs = tmp / "batch.json"
     _run_script(
-        "batch_size.py",
-        input={"model": str(setup["model"]), "tasks": str(prepared)},
-        params={"tasks": TASKS, "eval": settings, "requested": "auto"},
-        output=[str(bs)],
-        log=[str(tmp / "bs.log")],
-    )
+        "batch_size.py", config, wildcards={"model": "tiny"},
+        input={"model": str(setup["model"])},
+        params={"requested": "auto", "trust_remote_code": False},
+        output=[str(bs)], log=[str(tmp / "bs.log")],
+    )  # fmt: skip
     assert read_batch_size(bs) == DEFAULT_CPU_BATCH_SIZE
-    common = {"model": str(setup["model"]), "tasks": str(prepared), "batch_size": str(bs)}
-    one = tmp / "one.parquet"
-    _run_script(
-        "evaluate.py",
-        input=common,
-        params={
-            "task": "winogrande",
-            "quant": "int4-b64",
-            "model_meta": META,
-            "eval": settings,
-            "quantize": quantize,
-        },
-        output=[str(one)],
-        log=[str(tmp / "one.log")],
-    )
-    quants = ["fp16", "int4-b64"]
-    outs = [tmp / q / f"{t}.parquet" for q in quants for t in TASKS]
-    batched = {
-        "input": common,
-        "params": {
-            "quants": quants,
-            "tasks": TASKS,
-            "model_meta": META,
-            "eval": {**settings, "task_limits": {"piqa": 2}},
-            "quantize": quantize,
-            "cache": str(tmp / "cache"),
-        },
-        "output": [str(p) for p in outs],
-        "log": [str(tmp / "batched.log")],
-    }
-    _run_script("evaluate_batched.py", **batched)
-    assert all(p.is_file() for p in outs)
-    assert len(pd.read_parquet(tmp / "fp16" / "piqa.parquet")) == 2
-    # a restarted job (Snakemake deleted its outputs) takes the finished files from the cache
-    first = {p: pd.read_parquet(p) for p in outs}
-    for p in outs:
-        p.unlink()
-    _run_script("evaluate_batched.py", **batched)
-    assert "0 of 6 files evaluated" in (tmp / "batched.log").read_text()
-    for p in outs:
-        pd.testing.assert_frame_equal(first[p], pd.read_parquet(p), check_exact=True)
-    a, b = pd.read_parquet(one), pd.read_parquet(tmp / "int4-b64" / "winogrande.parquet")
-    cols = [c for c in a.columns if c not in TIMED]
-    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
-    assert a["batch_size"].iloc[0] == DEFAULT_CPU_BATCH_SIZE and len(a) == 3
-    # a changed setting is a fresh cache entry, not a stale file
-    batched["params"]["eval"] = {**settings, "task_limits": {"piqa": 1}}
-    _run_script("evaluate_batched.py", **batched)
-    assert len(pd.read_parquet(tmp / "fp16" / "piqa.parquet")) == 1
+    art = tmp / "artifact"
+    quantize_to_artifact(setup["model"], "int4-b64", art)
+    common = {"model": str(setup["model"]), "batch_size": str(bs)}
+
+    def evaluate(quants: list[str], manifest: Path, artifact: Path | None = None) -> None:
+        _run_script(
+            "evaluate.py", config, wildcards={"model": "tiny"},
+            input={**common, **({"artifact": str(artifact)} if artifact else {})},
+            params={"quants": quants, "tasks": TASKS, "tasks_dir": str(tasks_dir),
+                    "cache": str(tmp / "cache")},
+            output=[str(manifest)], log=[str(manifest.with_suffix(".log"))],
+        )  # fmt: skip
+
+    def publish(manifest: Path, quant: str, task: str) -> pd.DataFrame:
+        out = tmp / "evals" / manifest.stem / quant / f"{task}.parquet"
+        _run_script(
+            "publish_eval.py", config, wildcards={"model": "tiny", "quant": quant, "task": task},
+            input=[str(manifest)], output=[str(out)], log=[str(tmp / "publish.log")],
+        )  # fmt: skip
+        return pd.read_parquet(out)
+
+    one = tmp / "one.json"
+    evaluate(["int4-b64"], one, art)
+    batched = tmp / "batched.json"
+    evaluate(["fp16", "int4-b64"], batched)
+    for t in TASKS:
+        a, b = publish(one, "int4-b64", t), publish(batched, "int4-b64", t)
+        cols = [c for c in a.columns if c not in TIMED]
+        pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+        assert len(a) == 3 and a["batch_size"].iloc[0] == DEFAULT_CPU_BATCH_SIZE
+    # a restarted job (Snakemake deleted its manifest) takes the finished files from the cache
+    cached = sorted((tmp / "cache").rglob("*.parquet"))
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    batched.unlink()
+    evaluate(["fp16", "int4-b64"], batched)
+    assert "0 to evaluate" in batched.with_suffix(".log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps
+    # a changed setting is a fresh cache entry for the tasks it concerns only
+    config["eval"]["task_limits"] = {"piqa": 1}
+    evaluate(["fp16", "int4-b64"], batched)
+    assert "4 of 6 (quant, task) files cached, 2 to evaluate" in batched.with_suffix(
+        ".log"
+    ).read_text()
+    assert len(publish(batched, "fp16", "piqa")) == 1
+    # a failing job says what to do on the first line of its log, with the traceback below
+    bad = tmp / "bad.json"
+    with pytest.raises(Exception, match="does not exist"):
+        _run_script(
+            "evaluate.py", config, wildcards={"model": "tiny"},
+            input={**common, "model": str(tmp / "nowhere")},
+            params={"quants": ["fp16"], "tasks": TASKS, "tasks_dir": str(tasks_dir),
+                    "cache": str(tmp / "cache-bad")},
+            output=[str(bad)], log=[str(tmp / "bad.log")],
+        )  # fmt: skip
+    lines = (tmp / "bad.log").read_text().splitlines()
+    assert lines[0].startswith("FAILED: model directory") and "does not exist" in lines[0]
+    assert any("Traceback" in ln for ln in lines[1:])
 
 
 def test_batched_restores_tied_weights(setup: dict) -> None:
     """A spec that quantizes the LM head of a tied model unties it; the next spec must still
     see the original weights on both sides (the fp16 scores equal those of a fresh load)."""
     model = tiny_model_dir("gpt2", setup["tmp"])
-    kw = {"dtype": "float32", "device": "cpu", "batch_size": 4, "limit": 3}
-    opts = {"quantize_lm_head": True}
+    kw = {"batch_size": 4, "settings": _settings(limit=3)}
+    opts = QuantizeOptions(quantize_lm_head=True)
     root = setup["tmp"] / "tied"
     task = build_task_dict(["piqa"], setup["data"], setup["tmp"] / "tasks-tied")
     evaluate_one(model, "fp16", task, root / "fresh.parquet", META, **kw)
     fresh = pd.read_parquet(root / "fresh.parquet")
     paths = {(q, "piqa"): root / q / "piqa.parquet" for q in ("int3-b64", "fp16")}
-    evaluate_specs(model, ["int3-b64", "fp16"], task, paths, META, quant_kwargs=opts, **kw)
+    evaluate_specs(model, ["int3-b64", "fp16"], task, paths, META, options=opts, **kw)
     after = pd.read_parquet(paths[("fp16", "piqa")])
     cols = [c for c in fresh.columns if c not in TIMED]
     pd.testing.assert_frame_equal(fresh[cols], after[cols], check_exact=True)
@@ -365,14 +430,12 @@ def test_batched_restores_tied_weights(setup: dict) -> None:
 
 # ---------------------------------------------------------------------- fast scoring
 def _lm(setup: dict, batch_size: int = 3, **options: object):
-    from kbit.evaluation.runner import make_lm
-
     model, tok = load_model(setup["model"], "float32", "cpu")
     return make_lm(model, tok, batch_size, **options)
 
 
 def test_fast_scoring_equals_hflm_scoring(setup: dict) -> None:
-    """ReusingHFLM's scoring loop == HFLM's own, bit for bit, on every output type
+    """The fast scoring loop == HFLM's own, bit for bit, on every output type
     (odd batch size, so batches mix lengths; WikiText's rolling windows included)."""
     from kbit.evaluation.runner import evaluate_tasks
 
@@ -380,7 +443,7 @@ def test_fast_scoring_equals_hflm_scoring(setup: dict) -> None:
     frames = {}
     for fast in (True, False):
         tasks = build_task_dict(names, setup["data"], setup["tmp"] / "tasks-fast")
-        lm = _lm(setup, fast_scoring=fast, kv_cache=not fast)  # stock: HFLM's own model call
+        lm = _lm(setup, fast=fast)  # plain: HFLM's own loop and model call
         res = evaluate_tasks(lm, tasks, limit={"wikitext": 1, **dict.fromkeys(names[:3], 5)})
         frames[fast] = {n: r.docs for n, r in res.items()}
         assert all(r.forward_tokens > 0 and r.forward_time_s > 0 for r in res.values())
@@ -396,11 +459,9 @@ def _kv_cache_devices() -> list:
 @pytest.mark.parametrize("device", _kv_cache_devices())
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_without_kv_cache_gives_the_same_logits(arch: str, device: str) -> None:
-    """ReusingHFLM's forward pass (``use_cache=False``) == HFLM's (``model(inps)``, which fills
+    """The fast path's forward pass (``use_cache=False``) == HFLM's (``model(inps)``, which fills
     a key/value cache), bit for bit; on CUDA with real head sizes in fp16, whose attention
     kernels see the keys and values with other strides when no cache copies them."""
-    from kbit.evaluation.runner import make_lm
-
     if device == "cuda":
         model = tiny_model(arch, hidden=2048, heads=16).to("cuda", torch.float16)
         shapes = [(64, 300), (8, 1024), (5, 37)]
@@ -442,12 +503,10 @@ def test_cuda_graph_replay_scores_like_eager(arch: str) -> None:
     at a real head size: on capture, on later replays, after the weights change in place, and
     after a parameter is replaced (graphs are captured again); graphs stay on, so every
     capture matched its eager pass."""
-    from kbit.evaluation.runner import make_lm
-
     model = tiny_model(arch, hidden=1024, heads=8).to("cuda", torch.float16)
     tok = tiny_tokenizer(arch)
     graphed = make_lm(model, tok, 7, cuda_graphs=True)
-    stock = make_lm(model, tok, 7, fast_scoring=False, kv_cache=True, cuda_graphs=False)
+    stock = make_lm(model, tok, 7, fast=False)
     reqs = _graph_requests(graphed.max_length, model.config.vocab_size)
     for step in ("capture", "replay", "in-place", "replaced"):
         if step == "in-place":
@@ -473,12 +532,10 @@ def test_cuda_graphs_turn_off_when_a_capture_differs(
 ) -> None:
     """A captured graph whose replay disagrees with the eager pass in any bit turns graphs
     off (one warning, graphs released) and the results stay the eager ones."""
-    from kbit.evaluation.runner import make_lm
-
     model = tiny_model("gpt_neox", hidden=1024, heads=8).to("cuda", torch.float16)
     tok = tiny_tokenizer("gpt_neox")
     graphed = make_lm(model, tok, 7, cuda_graphs=True)
-    stock = make_lm(model, tok, 7, fast_scoring=False, kv_cache=True, cuda_graphs=False)
+    stock = make_lm(model, tok, 7, fast=False)
     capture = graphed._capture
 
     def off_by_one(batch) -> None:  # the graph's outputs no longer match its eager pass
@@ -500,7 +557,7 @@ def test_cuda_graphs_turn_off_when_a_capture_differs(
 def test_fast_scoring_shared_rows_and_truncation(setup: dict) -> None:
     """Requests sharing one forward row (same context + continuation[:-1], also with another
     split between context and continuation) and over-long requests score as in HFLM."""
-    fast, stock = _lm(setup), _lm(setup, fast_scoring=False, kv_cache=True)
+    fast, stock = _lm(setup), _lm(setup, fast=False)
     n = fast.max_length
     base = list(range(100, 140))
     reqs = [
@@ -562,14 +619,3 @@ def test_pretokenize_equals_lazy_tokenization(setup: dict) -> None:
         assert toks == fresh.tok_encode(*key), key
     for (ctx, cont), pair in lm._pair_cache.items():
         assert pair == fresh._encode_pair(ctx, cont)
-
-
-def test_positions_only_scoring_is_close(setup: dict) -> None:
-    """The LM-head shortcut (not exact by design) gives the same scores up to rounding."""
-    exact, rows = _lm(setup), _lm(setup, positions_only=True)
-    base = list(range(100, 140))
-    reqs = [(("a", str(i)), base[: 10 + i], base[10 + i : 14 + i]) for i in range(7)]
-    a = exact._loglikelihood_tokens(list(reqs))
-    b = rows._loglikelihood_tokens(list(reqs))
-    assert [g for _, g in a] == [g for _, g in b]
-    assert [x for x, _ in a] == pytest.approx([x for x, _ in b], rel=1e-5, abs=1e-5)

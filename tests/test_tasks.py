@@ -217,7 +217,7 @@ def test_winogrande_partial_scoring(real_tasks):
 @needs_real
 def test_winogrande_answers_match_labels_file(real_work, real_tasks):
     labels = (REAL_EVAL / "winogrande" / "dev-labels.lst").read_text().split()
-    docs = [json.loads(ln) for ln in (real_work / "winogrande.jsonl").read_text().splitlines()]
+    docs = [json.loads(ln) for ln in (real_work / "winogrande" / "winogrande.jsonl").read_text().splitlines()]
     assert [d["answer"] for d in docs] == labels
     assert set(docs[0]) == {"sentence", "option1", "option2", "answer"}
 
@@ -258,7 +258,8 @@ def test_wikitext_first_and_last_page(real_tasks, raw_wikitext):
 def test_sample_files_load_through_lm_eval(tmp_path):
     tasks = build_task_dict(list(STANDARD_TASKS), SAMPLE_EVAL, tmp_path)["tasks"]
     assert sorted(tasks) == sorted(STANDARD_TASKS)
-    assert sorted(tmp_path.iterdir()) == sorted(prepared_files(STANDARD_TASKS, tmp_path))
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert files == sorted(prepared_files(STANDARD_TASKS, tmp_path))
     for name, task in tasks.items():
         assert len(task.eval_docs) == SAMPLE_COUNTS[name], name
         assert hub_config(name)["output_type"] == task.OUTPUT_TYPE
@@ -279,7 +280,7 @@ def test_local_task_overrides_builtin_with_defaults_indexed(sample_work):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(sample_work), include_defaults=True)
-    assert manager.task_index["piqa"].yaml_path == (sample_work / "piqa.yaml").resolve()
+    assert manager.task_index["piqa"].yaml_path == (sample_work / "piqa" / "piqa.yaml").resolve()
     task = manager.load(["piqa"])["tasks"]["piqa"]
     assert task.config.dataset_path == "json"
     assert len(task.eval_docs) == SAMPLE_COUNTS["piqa"]
@@ -293,12 +294,27 @@ def test_load_tasks_from_prepared_dir(sample_work):
         load_tasks(["piqa"], sample_work / "missing")
 
 
-def test_leftover_local_yaml_does_not_shadow_hub_task(tmp_path):
+def test_leftover_local_folder_does_not_shadow_hub_task(tmp_path, monkeypatch):
+    """Only the folders of the tasks asked for locally go on lm-eval's include path."""
+    import lm_eval.tasks
+
     prepare_tasks(["piqa"], SAMPLE_EVAL, tmp_path)
     corpus = tmp_path / "cc.txt"
     corpus.write_text("some text\n")
-    with pytest.raises(RuntimeError, match=r"local definitions of \['piqa'\]"):
+    seen = {}
+
+    class Recorder(lm_eval.tasks.TaskManager):
+        def __init__(self, include_path=None, include_defaults=True, **kw):
+            seen.update(paths=include_path, defaults=include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False, **kw)
+
+        def load(self, names):
+            return super().load([n for n in names if n != "piqa"])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recorder)
+    with pytest.raises(ValueError, match=r"\['piqa'\] are neither prepared"):
         build_task_dict(["cc", "piqa"], None, tmp_path, corpora={"cc": corpus})
+    assert seen == {"paths": [str((tmp_path / "cc").resolve())], "defaults": True}
 
 
 def test_conversion_is_idempotent_and_atomic(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from kbit.evaluation import templates
+from kbit.evaluation.speed import templates
 from kbit.evaluation.tasks import STANDARD_TASKS, load_tasks, prepare_tasks
 
 SAMPLE_EVAL = Path(__file__).resolve().parent / "data" / "eval"

@@ -27,6 +27,8 @@ SPEC_FIELDS = (
     "center",
     "quantile_estimator",
     "method",
+    "mixed_ratio",
+    "granularity",
 )
 #: the spec fields that may not vary along the main precision sweep
 SWEEP_FIXED = tuple(f for f in SPEC_FIELDS if f not in ("bits", "exponent_bits"))
@@ -38,6 +40,22 @@ ACCURACY_TARGET = f"{MEAN_TASK}:acc"
 MAIN_SWEEP = "precision"
 #: tie-break between equally complete precision sweeps: the paper's main data type first
 DTYPE_PREFERENCE = ("float", "int", "quantile", "nf", "dynamic")
+
+
+#: columns of the curves table (plus ``main_sweep`` and, when the study names sweeps, ``sweeps``)
+CURVE_COLUMNS = (
+    "family",
+    "target",
+    "lower_is_better",
+    "model",
+    "n_params",
+    "quant",
+    *SPEC_FIELDS,
+    "total_bits",
+    "log2_bits",
+    "value",
+    "precision",
+)
 
 
 def curve_targets(scores: pd.DataFrame) -> list[str]:
@@ -124,13 +142,18 @@ def main_sweep_quants(df: pd.DataFrame, sweep: str = MAIN_SWEEP) -> list[str]:
 def build_curves(scores: pd.DataFrame, targets: Sequence[str] | None = None) -> pd.DataFrame:
     """The curves table: one row per (family, target, quant, model) point.
 
+    Diverged runs (column ``diverged`` of the scores) are left out: a NaN or a perplexity of
+    10^6 is an outcome to report, not a point to interpolate.
+
     Columns: family, target, lower_is_better, model, n_params, quant, the spec fields,
     total_bits, log2_bits, value, precision (bits; 16 for the baseline), main_sweep.
     """
     targets = list(curve_targets(scores) if targets is None else targets)
     rows = scores[scores["target"].isin(targets)].copy()
+    if "diverged" in rows:  # reported in the tables and claims, never part of a curve
+        rows = rows[~rows["diverged"].fillna(False).astype(bool)]
     if rows.empty:
-        return pd.DataFrame(columns=["family", "target", "model", "quant", "log2_bits", "value"])
+        return pd.DataFrame(columns=[*CURVE_COLUMNS, "main_sweep"])
     parts = []
     for _fam, g in rows.groupby("family", sort=True):
         main = set(main_sweep_quants(g))
@@ -140,22 +163,7 @@ def build_curves(scores: pd.DataFrame, targets: Sequence[str] | None = None) -> 
     rows["log2_bits"] = np.log2(rows["total_bits"].astype(float))
     rows["precision"] = np.where(rows["dtype"] == BASELINE, 16, rows["bits"]).astype(int)
     rows["lower_is_better"] = [lower_is_better(t) for t in rows["target"]]
-    keep = [
-        "family",
-        "target",
-        "lower_is_better",
-        "model",
-        "n_params",
-        "quant",
-        *SPEC_FIELDS,
-        "total_bits",
-        "log2_bits",
-        "value",
-        "precision",
-        "main_sweep",
-        "sweeps",
-    ]
-    keep = [c for c in keep if c in rows.columns]
+    keep = [c for c in (*CURVE_COLUMNS, "main_sweep", "sweeps") if c in rows.columns]
     return rows[keep].sort_values(["family", "target", "quant", "log2_bits"]).reset_index(drop=True)
 
 

@@ -4,6 +4,13 @@
 (model, quant) the mean zero-shot accuracy over the accuracy tasks as task ``mean_zeroshot``.
 ``runs``: one row per (model, quant, task) with cost and provenance (time, tokens, FLOPs, versions).
 Task metrics come from :func:`kbit.evaluation.metrics.task_metrics`, so they equal lm-eval's.
+
+Diverged runs. A quantized model can be numerically unstable: NaN or infinite log-likelihoods, or
+a perplexity beyond any use (the paper saw 3-bit runs above 100,000). Such a (model, quant, task)
+is marked ``diverged`` (with ``n_nonfinite``, the documents whose log-likelihoods are not finite),
+and so is the mean zero-shot accuracy of a (model, quant) with any diverged task: its value is
+reported as measured (non-finite documents count as wrong answers, perplexities stay NaN/inf),
+never interpolated into a scaling curve (:mod:`kbit.analysis.curves` leaves it out and lists it).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ META_COLUMNS = (
     "model",
     "hf_id",
     "revision",
+    "commit",
     "family",
     "n_params",
     "n_params_quantized",
@@ -43,6 +51,13 @@ META_COLUMNS = (
     "center",
     "quantile_estimator",
     "method",
+    "mixed_ratio",
+    "mixed_ratio_achieved",
+    "granularity",
+    "selection",
+    "n_trials",
+    "seed",
+    "low_quant",
     "total_bits",
 )
 RUN_COLUMNS = (
@@ -51,12 +66,19 @@ RUN_COLUMNS = (
     "device",
     "batch_size",
     "eval_dtype",
+    "softmax_dtype",
+    "max_length",
+    "cuda_graphs",
+    "graph_capture_s",
+    "graph_saving_s",
     "kbit_version",
     "torch_version",
     "transformers_version",
     "lm_eval_version",
 )
 KEY = ("model", "quant", "task")
+#: a perplexity above this (or not finite) marks a run as diverged (``analysis.perplexity_cap``)
+DEFAULT_PERPLEXITY_CAP = 1.0e5
 
 
 def target_name(task: str, metric: str) -> str:
@@ -110,7 +132,15 @@ def _check_columns(docs: pd.DataFrame) -> None:
         )
 
 
-def task_scores(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _n_nonfinite(g: pd.DataFrame) -> int:
+    if "finite" in g:
+        return int((~g["finite"].astype(bool)).sum())
+    return int(sum(not np.isfinite(np.asarray(x, dtype=float)).all() for x in g["ll"]))
+
+
+def task_scores(
+    docs: pd.DataFrame, perplexity_cap: float = DEFAULT_PERPLEXITY_CAP
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-(model, quant, task) metric rows and run rows from concatenated per-document rows."""
     _check_columns(docs)
     score_rows, run_rows = [], []
@@ -125,7 +155,14 @@ def task_scores(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         meta = _first(g, META_COLUMNS)
         n_docs = len(g)
         chance = chance_accuracy(g, otype)
-        for metric, value in task_metrics(g, otype).items():
+        metrics = task_metrics(g, otype)
+        n_bad = _n_nonfinite(g)
+        diverged = n_bad > 0 or any(
+            not np.isfinite(v) or v > perplexity_cap
+            for m, v in metrics.items()
+            if m in LOWER_IS_BETTER and m != "bits_per_byte"
+        )
+        for metric, value in metrics.items():
             score_rows.append(
                 {
                     **meta,
@@ -136,6 +173,8 @@ def task_scores(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "value": value,
                     "n_docs": n_docs,
                     "chance": chance if metric.startswith("acc") else float("nan"),
+                    "n_nonfinite": n_bad,
+                    "diverged": diverged,
                 }
             )
         wall = float(g["wall_time_s"].iloc[0]) if "wall_time_s" in g else float("nan")
@@ -146,6 +185,8 @@ def task_scores(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "task": task,
                 "output_type": otype,
                 "n_docs": n_docs,
+                "n_nonfinite": n_bad,
+                "diverged": diverged,
                 "n_tokens": int(g["n_tokens"].sum()) if "n_tokens" in g else 0,
                 "wall_time_s": wall,
                 "flops": flops,
@@ -198,6 +239,8 @@ def mean_zeroshot(scores: pd.DataFrame, accuracy_metrics: Mapping[str, str]) -> 
                     "value": float(np.mean(vals)),
                     "n_docs": int(g.groupby("task")["n_docs"].first().sum()),
                     "chance": float(np.mean([chance[t] for t in tasks])),
+                    "n_nonfinite": int(g.groupby("task")["n_nonfinite"].first().sum()),
+                    "diverged": bool(g["diverged"].any()),
                     "tasks": ",".join(f"{t}:{pick[t]}" for t in tasks),
                 }
             )
@@ -210,19 +253,37 @@ def sweep_tags(quants: Iterable[str], sweeps: Mapping[str, Iterable[str]] | None
     return {q: ",".join(sorted(n for n, ids in members.items() if q in ids)) for q in quants}
 
 
+def _check_one_commit(docs: pd.DataFrame) -> None:
+    """A model key whose results come from two commits of its weights is two models: refuse."""
+    if "commit" not in docs:
+        return
+    commits = docs[docs["commit"].fillna("") != ""].groupby("model")["commit"].unique()
+    mixed = {m: sorted(c) for m, c in commits.items() if len(c) > 1}
+    if mixed:
+        raise ValueError(
+            f"results of one model key come from different commits of its weights: {mixed}; "
+            "a branch such as main moved between downloads. Delete the older results of that "
+            "model (or pin the commit with a lock file) and run again"
+        )
+
+
 def aggregate(
     eval_files: Iterable[str | Path | pd.DataFrame],
     accuracy_metrics: Mapping[str, str] | None = None,
     sweeps: Mapping[str, Iterable[str]] | None = None,
+    perplexity_cap: float = DEFAULT_PERPLEXITY_CAP,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build ``(scores, runs)`` from per-document evaluation files; see the module docstring.
+
+    ``perplexity_cap``: a run whose perplexity exceeds it is marked diverged.
 
     ``sweeps`` (sweep name -> quant ids, as the study config expands them) is recorded in a
     ``sweeps`` column, so the analysis knows which curves the study meant as its precision sweep.
     """
     metrics = dict(DEFAULT_ACCURACY_METRICS if accuracy_metrics is None else accuracy_metrics)
     docs = read_evals(eval_files)
-    scores, runs = task_scores(docs)
+    _check_one_commit(docs)
+    scores, runs = task_scores(docs, perplexity_cap)
     means = mean_zeroshot(scores, metrics)
     scores = pd.concat([scores, means], ignore_index=True)
     if "tasks" not in scores:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
+from kbit.settings import QuantizeOptions
 from kbit.spec import QuantSpec, SpecError
 
 
@@ -59,42 +59,9 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"{model} is not a model directory")
-    from huggingface_hub import snapshot_download
+    from kbit.sources import hub_snapshot
 
-    from kbit.sources import HUB_ALLOW_PATTERNS, PICKLE_SUFFIXES, ModelSourceError
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    try:
-        snap = Path(
-            snapshot_download(repo_id=model, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
-        )
-    except Exception as err:
-        hint = (
-            "HF_HUB_OFFLINE is set and the model is not in the local cache: download it where "
-            "there is internet, or pass a local directory"
-            if offline
-            else "check the id, the revision and your network"
-        )
-        raise ModelSourceError(
-            f"cannot fetch {model}: {type(err).__name__}: {err}. {hint}"
-        ) from err
-    if not list(snap.glob("*.safetensors")):
-        pickles: list[str] = []
-        if not offline:
-            try:
-                from huggingface_hub import HfApi
-
-                files = HfApi().list_repo_files(model, revision=revision)
-                pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-            except Exception:
-                pickles = []
-        raise ModelSourceError(
-            f"{model} has no safetensors weights"
-            + (f" (only pickle files: {', '.join(pickles[:4])})" if pickles else "")
-            + "; pickle weights are refused because loading them runs arbitrary code. Convert "
-            "them to safetensors and pass the local directory."
-        )
-    return snap
+    return hub_snapshot(model, revision)
 
 
 def format_report(meta: dict) -> str:
@@ -119,6 +86,7 @@ def format_report(meta: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Quantize, write the artifact, print the accounting; 2 on bad input."""
     from kbit.artifact import ArtifactError, quantize_to_artifact
+    from kbit.loading import ModelLoadError
     from kbit.sources import ModelSourceError
 
     try:
@@ -130,12 +98,21 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             device=args.device,
             dtype=args.dtype,
-            include=args.include,
-            exclude=args.exclude,
-            quantize_embeddings=args.quantize_embeddings,
-            quantize_lm_head=args.quantize_lm_head,
+            options=QuantizeOptions(
+                include=args.include,
+                exclude=args.exclude,
+                quantize_embeddings=args.quantize_embeddings,
+                quantize_lm_head=args.quantize_lm_head,
+            ),
         )
-    except (SpecError, ArtifactError, ModelSourceError, FileNotFoundError, ValueError) as err:
+    except (
+        SpecError,
+        ArtifactError,
+        ModelLoadError,
+        ModelSourceError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"kbit quantize: error: {err}", file=sys.stderr)
         return 2
     print(format_report(meta))

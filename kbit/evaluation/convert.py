@@ -76,8 +76,6 @@ CORPUS_SPLITS = ("paragraph", "chunk")
 _HELLASWAG_LINES_PER_ITEM = 6
 
 
-
-
 class DataFileError(FileNotFoundError):
     """An original evaluation file (or a corpus) is missing."""
 

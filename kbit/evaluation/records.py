@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 DOC_COLUMNS = (
     "doc_id",
     "ll",
+    "finite",
     "is_greedy",
     "target",
     "choice_chars",
@@ -102,6 +103,14 @@ def sample_row(
             f"task {task.config.task!r} has output_type {output_type!r}; supported are "
             "multiple_choice, loglikelihood, loglikelihood_rolling"
         )
+    row["finite"] = all(math.isfinite(x) for x in row["ll"])
+    if not row["finite"]:
+        # a NaN or infinite log-likelihood (a diverged quantization) is never a correct answer:
+        # lm-eval's argmax over [nan, nan] picks the first choice, which can be the gold one
+        row["is_greedy"] = [False] * len(row["is_greedy"])
+        for metric in ("acc", "acc_norm"):
+            if not math.isnan(row[metric]):
+                row[metric] = 0.0
     return row
 
 

@@ -14,7 +14,9 @@ The settings that make the two identical (each checked by ``tests/test_fidelity.
 - tokenizer: ``AutoTokenizer.from_pretrained(dir, use_fast=True)`` (HFLM's default), handed to
   ``HFLM(pretrained=model, tokenizer=tok, batch_size=N)``; HFLM then sets the pad token the same
   way (``configure_pad_token``), and leaves ``add_bos_token``/``prefix_token_id`` at None;
-- HFLM defaults everywhere else: ``max_length`` from the model config, ``truncation=False``,
+- the context window: ``eval.max_length`` is HFLM's ``max_length`` model argument (null: HFLM's
+  own choice from the model config; pass the same ``max_length=N`` in ``--model_args``);
+- HFLM defaults everywhere else: ``truncation=False``,
   ``logits_cache=True`` (one forward row for choices that differ only in their last token),
   no mixed precision, right padding of the length-sorted batches;
 - the log-softmax dtype: ``eval.softmax_dtype`` (default ``float32``, so that 16-bit models
@@ -32,14 +34,14 @@ The settings that make the two identical (each checked by ``tests/test_fidelity.
 Speed: :func:`evaluate_specs` loads a base model once and evaluates many quantization configs,
 restoring the original weights before each, building lm-eval's requests once per task and
 tokenizing each request once, in batches, before any scoring starts
-(:class:`~kbit.evaluation.batching.ReusingHFLM`), and planning its batches once. Host work the
-device would wait for is kept small: prompt templates compile once
-(:mod:`~kbit.evaluation.templates`), documents are read once per task, and the long-lived objects
-are frozen out of the garbage collector's scans (``benchmarks/bench_host.py`` measures each). Both
-paths score through ``ReusingHFLM``'s re-implementation of HFLM's ``_loglikelihood_tokens``: the
-same batches, forward passes and per-request arithmetic (so the same bits, see
-``kbit/evaluation/batching.py``), with the log-softmax taken only on scored rows and no host sync
-per request. The settings that decide the bits on a given device: the batch size (fixed per model;
+(:class:`~kbit.evaluation.lm.ScoringLM`), and planning its batches once. Host work the device would
+wait for is kept small: prompt templates compile once (:mod:`~kbit.evaluation.speed.templates`),
+documents are read once per task, and the long-lived objects are frozen out of the garbage
+collector's scans (``benchmarks/bench_host.py`` measures each). Both paths score either through
+HFLM's own ``_loglikelihood_tokens`` (``eval.fast_scoring: false``) or through its
+re-implementation in :mod:`kbit.evaluation.speed`: the same batches, forward passes and per-request
+arithmetic (so the same bits), with the log-softmax taken only on scored rows and no host sync per
+request. The settings that decide the bits on a given device: the batch size (fixed per model;
 ``auto`` searches once per model for the largest that lm-eval's own HFLM fits, so the command line
 can reproduce it), the model dtype, the log-softmax dtype (HFLM's ``softmax_dtype``, default: the
 model's dtype) and the task pooling of one ``evaluate`` call (above).
@@ -67,125 +69,19 @@ import pandas as pd
 import torch
 import transformers
 
-from kbit.evaluation import templates
-from kbit.evaluation.batching import ReusingHFLM, find_batch_size
+from kbit.evaluation.lm import ScoringLM, make_lm
 from kbit.evaluation.metrics import task_metrics
 from kbit.evaluation.progress import Progress
 from kbit.evaluation.records import samples_frame, write_parquet
+from kbit.evaluation.speed import templates
+from kbit.loading import load_model
+from kbit.settings import EvalSettings, QuantizeOptions
 from kbit.spec import QuantSpec
 
 log = logging.getLogger("kbit.evaluation")
 
-EVAL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: seeds simple_evaluate (and so the CLI) sets before evaluating
 CLI_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}
-
-
-# ---------------------------------------------------------------------- model loading
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is used as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float16 on CUDA (the paper's 16-bit inputs), float32 on the CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in EVAL_DTYPES:
-        raise ValueError(f"eval dtype {dtype!r}: allowed are 'auto', {sorted(EVAL_DTYPES)}")
-    return EVAL_DTYPES[dtype]
-
-
-def load_model(
-    model_dir: str | os.PathLike,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-) -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM (safetensors only) and its tokenizer the way ``HFLM`` loads a path."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model_dir}: config.json is missing")
-    if not any(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(
-            f"no *.safetensors weights in {model_dir}; only safetensors are loaded (no pickle)"
-        )
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=torch_dtype,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
-    model.to(dev)
-    model.eval()
-    tok = transformers.AutoTokenizer.from_pretrained(
-        str(model_dir), use_fast=True, trust_remote_code=trust_remote_code
-    )
-    return model, tok
-
-
-#: log-softmax dtypes: "auto" is HFLM's default (the model's dtype)
-SOFTMAX_DTYPES = ("float32", "auto")
-
-
-def make_lm(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    batch_size: int,
-    softmax_dtype: str = "auto",
-    **options: Any,
-) -> ReusingHFLM:
-    """lm-eval's HFLM around an in-memory model, with HFLM's defaults (see module docstring).
-
-    ``softmax_dtype`` is HFLM's (``float32`` or ``auto``, the model's dtype: what the command
-    line does unless ``softmax_dtype=float32`` is in its ``--model_args``). ``options`` go to
-    :class:`ReusingHFLM` (``fast_scoring``, ``positions_only``, ``kv_cache``, ``cuda_graphs``).
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer (no 'auto')")
-    if softmax_dtype not in SOFTMAX_DTYPES:
-        raise ValueError(f"softmax_dtype={softmax_dtype!r}: allowed are {list(SOFTMAX_DTYPES)}")
-    return ReusingHFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        softmax_dtype=None if softmax_dtype == "auto" else softmax_dtype,
-        **options,
-    )
-
-
-def choose_batch_size(
-    model_dir: str | os.PathLike,
-    requested: int | str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    softmax_dtype: str = "auto",
-) -> dict[str, Any]:
-    """The batch size of one model (``requested`` integer, or ``auto``).
-
-    ``auto`` sizes full-length sequences (the model's ``max_length``, what WikiText's rolling
-    windows use), so the result fits every task: a search on CUDA, the CPU default capped by the
-    host memory elsewhere. Returns the JSON the evaluation jobs read.
-    """
-    dev = resolve_device(device)
-    info: dict[str, Any] = {"device": str(dev), "requested": requested}
-    if requested != "auto":
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"batch_size={requested!r}: allowed are 'auto' or an integer >= 1")
-        return info | {"batch_size": requested, "source": "config"}
-    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
-    lm = make_lm(model, tok, 1, softmax_dtype)
-    bs = find_batch_size(model, lm.max_length, dev, softmax_dtype=lm.softmax_dtype)
-    source = "search" if dev.type == "cuda" else "cpu default, memory-capped"
-    return info | {"batch_size": bs, "source": source, "max_length": lm.max_length}
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -215,11 +111,26 @@ def versions() -> dict[str, str]:
     }
 
 
+def lm_for(
+    model: torch.nn.Module, tokenizer: Any, batch_size: int, settings: EvalSettings, **options: Any
+) -> ScoringLM:
+    """The scoring LM of ``settings`` (log-softmax dtype, context window, fast or plain path)."""
+    return make_lm(
+        model,
+        tokenizer,
+        batch_size,
+        settings.softmax_dtype,
+        max_length=settings.max_length,
+        fast=settings.fast_scoring,
+        **options,
+    )
+
+
 # ---------------------------------------------------------------------- task set-up
 def configure_like_cli(task_dict: Mapping[str, Any]) -> None:
     """Apply simple_evaluate's task set-up and seeds, so ``evaluate`` matches the CLI.
 
-    Also makes lm-eval compile each prompt template once (:mod:`kbit.evaluation.templates`;
+    Also makes lm-eval compile each prompt template once (:mod:`kbit.evaluation.speed.templates`;
     same prompts, less host time per document).
     """
     templates.install()
@@ -232,31 +143,6 @@ def configure_like_cli(task_dict: Mapping[str, Any]) -> None:
         task.set_fewshot_seed(seed=CLI_SEEDS["fewshot"])
 
 
-def load_prepared_tasks(task_names: Sequence[str], tasks_dir: str | os.PathLike) -> dict:
-    """lm-eval's task dict for ``task_names`` from a directory made by ``prepare_tasks``.
-
-    Names without a rendered ``<name>.yaml`` there fall back to lm-eval's built-in tasks.
-    """
-    from lm_eval.tasks import TaskManager
-
-    tasks_dir = Path(tasks_dir).resolve()
-    if not tasks_dir.is_dir():
-        raise FileNotFoundError(f"prepared task directory {tasks_dir} does not exist")
-    builtin = [n for n in task_names if not (tasks_dir / f"{n}.yaml").is_file()]
-    manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(builtin))
-    loaded = manager.load(list(task_names))
-    absent = [n for n in task_names if n not in loaded["tasks"]]
-    if absent:
-        raise ValueError(f"tasks {absent} are neither in {tasks_dir} nor built into lm-eval")
-    return loaded
-
-
-def quant_options(quantize_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``quantize_model`` keyword arguments of the workflow's ``quantize`` config section."""
-    keys = ("include", "exclude", "quantize_embeddings", "quantize_lm_head")
-    return {k: quantize_config[k] for k in keys if quantize_config and k in quantize_config}
-
-
 #: documents per task: one number for every task, or task name -> number (None: all of them)
 Limit = int | Mapping[str, int | None] | None
 
@@ -264,16 +150,6 @@ Limit = int | Mapping[str, int | None] | None
 def limit_for(limit: Limit, task: str) -> int | None:
     """The document limit of one task under ``limit`` (see :data:`Limit`)."""
     return limit.get(task) if isinstance(limit, Mapping) else limit
-
-
-def task_limits(settings: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, int | None]:
-    """Per-task limits of the workflow's ``eval`` settings: ``task_limits`` overrides ``limit``.
-
-    Perplexity tasks such as wikitext have few but long documents; limiting them separately
-    keeps a quick study's tasks comparable in cost.
-    """
-    per_task = dict(settings.get("task_limits") or {})
-    return {t: per_task.get(t, settings.get("limit")) for t in tasks}
 
 
 def _check_tasks(task_dict: Mapping[str, Any]) -> None:
@@ -306,7 +182,7 @@ class TaskResult:
 
 # ---------------------------------------------------------------------- path A: lm-eval's evaluate
 def evaluate_tasks(
-    lm: ReusingHFLM,
+    lm: ScoringLM,
     task_dict: Mapping[str, Any],
     limit: Limit = None,
     together: bool = False,
@@ -357,7 +233,7 @@ def evaluate_tasks(
     return out
 
 
-def _sync(lm: ReusingHFLM) -> None:
+def _sync(lm: ScoringLM) -> None:
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
 
@@ -367,7 +243,7 @@ class PreparedTask:
     """One lm-eval task whose requests are built once and scored for many weight configs."""
 
     def __init__(
-        self, name: str, task: Any, limit: int | None, lm: ReusingHFLM | None = None
+        self, name: str, task: Any, limit: int | None, lm: ScoringLM | None = None
     ) -> None:
         """Build the requests of the first ``limit`` documents; with ``lm``, tokenize them."""
         from lm_eval.evaluator_utils import get_sample_size
@@ -386,7 +262,7 @@ class PreparedTask:
         if lm is not None:
             lm.pretokenize(task.instances)
 
-    def score(self, lm: ReusingHFLM) -> list[dict[str, Any]]:
+    def score(self, lm: ScoringLM) -> list[dict[str, Any]]:
         """Score every request with ``lm`` and return lm-eval-style logged samples."""
         task = self.task
         by_type: dict[str, list[Any]] = defaultdict(list)
@@ -421,7 +297,7 @@ class PreparedTask:
 
 
 def score_prepared(
-    lm: ReusingHFLM, prepared: PreparedTask, progress: Progress | None = None
+    lm: ScoringLM, prepared: PreparedTask, progress: Progress | None = None
 ) -> TaskResult:
     """Score one prepared task (same numerics as :func:`evaluate_tasks` on that task alone)."""
     lm.progress = progress
@@ -446,7 +322,7 @@ def run_metadata(
     model_meta: Mapping[str, Any],
     spec: QuantSpec,
     summary: Mapping[str, Any],
-    lm: ReusingHFLM,
+    lm: ScoringLM,
     result: TaskResult,
     n_matmul_params: int,
 ) -> dict[str, Any]:
@@ -456,6 +332,7 @@ def run_metadata(
         "model": model_meta.get("model"),
         "hf_id": model_meta.get("hf_id"),
         "revision": model_meta.get("revision"),
+        "commit": model_meta.get("commit", ""),
         "family": model_meta.get("family"),
         "n_params": int(summary["n_params"]),
         "n_params_quantized": int(summary["n_params_quantized"]),
@@ -468,6 +345,7 @@ def run_metadata(
         "softmax_dtype": str(lm.softmax_dtype or lm.model.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "batch_size": int(lm.batch_size),
+        "max_length": int(lm.max_length),
         "wall_time_s": float(result.wall_time_s),
         "forward_time_s": float(result.forward_time_s),
         "task_n_tokens": int(result.forward_tokens),
@@ -485,11 +363,33 @@ def task_frame(result: TaskResult, meta: Mapping[str, Any]) -> pd.DataFrame:
     return df
 
 
-def _summary_after(model: torch.nn.Module, spec: QuantSpec, **quant_kwargs: Any) -> dict:
-    from kbit.accounting import summarize
-    from kbit.model_quant import quantize_model
+@dataclass
+class MethodInputs:
+    """What methods other than round-to-nearest need: GPTQ's calibration tokens and settings,
+    and the assignment file of each mixed spec (quant id -> JSON path)."""
 
-    return summarize(quantize_model(model, spec, **quant_kwargs))
+    calibration: torch.Tensor | None = None
+    gptq: Mapping[str, Any] = field(default_factory=dict)
+    assignments: Mapping[str, str | os.PathLike] = field(default_factory=dict)
+
+    def quantize(self, model: torch.nn.Module, spec: QuantSpec, options: QuantizeOptions) -> dict:
+        """Quantize ``model`` in place with ``spec``; its bit summary."""
+        from kbit.methods import quantize_with
+
+        assignment = None
+        if spec.id in self.assignments:
+            from kbit.mixed import Assignment
+
+            assignment = Assignment.read(self.assignments[spec.id])
+        done = quantize_with(
+            model,
+            spec,
+            options,
+            calibration=self.calibration,
+            gptq=self.gptq,
+            assignment=assignment,
+        )
+        return done.summary
 
 
 def evaluate_one(
@@ -498,34 +398,37 @@ def evaluate_one(
     task_dict: Mapping[str, Any],
     out_path: str | os.PathLike,
     model_meta: Mapping[str, Any],
+    *,
+    batch_size: int,
+    settings: EvalSettings | None = None,
+    options: QuantizeOptions | None = None,
     artifact_dir: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    batch_size: int = 8,
-    limit: Limit = None,
     trust_remote_code: bool = False,
-    quant_kwargs: Mapping[str, Any] | None = None,
-    softmax_dtype: str = "auto",
 ) -> pd.DataFrame:
     """One job: one (model, quant) on the task(s) of ``task_dict`` through lm-eval's evaluate.
 
     The quantized weights come from ``artifact_dir`` when given (``kbit.artifact``), else from
-    quantizing the loaded base model in place. With one task the result goes to ``out_path``;
-    with several, ``out_path`` is a directory and each task goes to ``<task>.parquet``.
+    quantizing the loaded base model in place with ``options``. With one task the result goes to
+    ``out_path``; with several, ``out_path`` is a directory and each task goes to
+    ``<task>.parquet``. ``settings`` default to the schema's (:class:`kbit.settings.EvalSettings`).
     """
+    settings = settings or EvalSettings.from_config()
+    options = options or QuantizeOptions.from_config()
     spec = QuantSpec.parse(quant)
-    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
+    model, tok = load_model(
+        model_dir, settings.dtype, settings.device, trust_remote_code, model_meta.get("model")
+    )
     if artifact_dir is not None:
         from kbit.artifact import load_artifact
 
         summary = dict(load_artifact(artifact_dir, model)["summary"])
     else:
-        summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
-    lm = make_lm(model, tok, batch_size, softmax_dtype)
+        summary = MethodInputs().quantize(model, spec, options)
+    lm = lm_for(model, tok, batch_size, settings)
     n_mm = matmul_params(model)
     names = list(task_dict["tasks"])
     progress = Progress(len(names), label=f"{model_meta.get('model')}/{spec.id}")
-    results = evaluate_tasks(lm, task_dict, limit=limit, progress=progress)
+    results = evaluate_tasks(lm, task_dict, limit=settings.limits(names), progress=progress)
     frames = []
     for name, res in results.items():
         df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))
@@ -535,10 +438,17 @@ def evaluate_one(
     return pd.concat(frames, ignore_index=True)
 
 
-#: CUDA graphs pay for their capture (and its check) from this many specs of one model on: on
-#: an H100 the first spec took 11.3 s longer with graphs and each later one 1.5 s less
-#: (Pythia-1.4B shape, 1500 documents per task; 2.5 s and 0.7 s for the 160M shape)
-GRAPH_MIN_SPECS = 8
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _graph_key(model: torch.nn.Module, batch_size: int) -> str:
+    """What CUDA-graph costs depend on: the GPU, the model's shape, dtype and the batch size."""
+    cfg = model.config
+    gpu = torch.cuda.get_device_name(next(model.parameters()).device)
+    shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers")]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return f"{gpu}|{shape}|vocab {vocab}|{next(model.parameters()).dtype}|batch {batch_size}"
 
 
 def evaluate_specs(
@@ -547,13 +457,13 @@ def evaluate_specs(
     task_dict: Mapping[str, Any],
     out_paths: Mapping[tuple[str, str], str | os.PathLike],
     model_meta: Mapping[str, Any],
-    dtype: str = "auto",
-    device: str = "auto",
-    batch_size: int = 8,
-    limit: Limit = None,
+    *,
+    batch_size: int,
+    settings: EvalSettings | None = None,
+    options: QuantizeOptions | None = None,
     trust_remote_code: bool = False,
-    quant_kwargs: Mapping[str, Any] | None = None,
-    softmax_dtype: str = "auto",
+    artifacts: Mapping[str, str | os.PathLike] | None = None,
+    inputs: MethodInputs | None = None,
     lm_options: Mapping[str, Any] | None = None,
 ) -> dict[tuple[str, str], Path]:
     """Many quantization configs of one model: load once, quantize in place, reuse requests.
@@ -561,12 +471,18 @@ def evaluate_specs(
     ``out_paths`` maps (quant id, task) to the Parquet file to write. Pairs whose file exists
     are skipped (the run is resumable); a spec with nothing left to do is not even quantized.
     The original weights are restored before each spec, so the order of specs does not matter
-    and every file equals what :func:`evaluate_one` writes for that (quant, task).
-    ``lm_options`` go to :class:`ReusingHFLM`. ``cuda_graphs`` defaults to on when at least
-    :data:`GRAPH_MIN_SPECS` specs are left to evaluate: the batches captured for the first are
-    replayed for the others, and every capture is checked against its eager pass (exact
-    either way).
+    and every file equals what :func:`evaluate_one` writes for that (quant, task). A spec in
+    ``artifacts`` takes its weights from that packed artifact (:mod:`kbit.artifact`) instead of
+    quantizing in place (GPTQ, mixed assignments, large models quantized in their own job);
+    the others are quantized in place with ``inputs`` (calibration tokens, mixed assignments).
+    ``lm_options`` go to the fast scoring path (:class:`~kbit.evaluation.speed.scoring.FastLM`).
+    On CUDA ``settings.cuda_graphs`` decides whether batches captured as CUDA graphs are replayed
+    for later specs: ``auto`` measures what capture costs and saves on this machine
+    (:class:`~kbit.evaluation.speed.graphs.GraphPolicy`); every capture is checked against its
+    eager pass (exact either way).
     """
+    settings = settings or EvalSettings.from_config()
+    options = options or QuantizeOptions.from_config()
     _check_tasks(task_dict)
     parsed = [QuantSpec.parse(s) for s in specs]
     names = list(task_dict["tasks"])
@@ -578,35 +494,61 @@ def evaluate_specs(
     if not any(todo.values()):
         log.info("all %d outputs exist; nothing to evaluate", len(parsed) * len(names))
         return written
-    model, tok = load_model(model_dir, dtype, device, trust_remote_code)
+    model, tok = load_model(
+        model_dir, settings.dtype, settings.device, trust_remote_code, model_meta.get("model")
+    )
     from kbit.model_quant import WeightSnapshot
 
     original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
     n_specs = sum(bool(v) for v in todo.values())
-    options = {"cuda_graphs": n_specs >= GRAPH_MIN_SPECS, **dict(lm_options or {})}
-    lm = make_lm(model, tok, batch_size, softmax_dtype, **options)
+    options_lm = dict(lm_options or {})
+    lm = lm_for(model, tok, batch_size, settings, **options_lm)
+    policy = None
+    if settings.fast_scoring and lm.device.type == "cuda" and "cuda_graphs" not in options_lm:
+        from kbit.evaluation.speed.graphs import GraphPolicy
+
+        policy = GraphPolicy(settings.cuda_graphs, n_specs, _graph_key(model, batch_size))
     n_mm = matmul_params(model)
     configure_like_cli(task_dict)
     prepared: dict[str, PreparedTask] = {}
     n_jobs = sum(len(v) for v in todo.values())
     progress = Progress(n_jobs, label=str(model_meta.get("model")))
+    done_specs = 0
     try:
         for spec in parsed:
             if not todo[spec.id]:
                 log.info("%s: all tasks done, skipped", spec.id)
                 continue
+            graphs = {}
+            if policy is not None:
+                lm.cuda_graphs = policy.use(done_specs, not lm.graphs_broken)
+                if not lm.cuda_graphs:
+                    lm.release_graphs()
+            t_spec = time.perf_counter()
             original.restore(model)
-            summary = _summary_after(model, spec, **dict(quant_kwargs or {}))
+            if spec.id in (artifacts or {}):
+                from kbit.artifact import load_artifact
+
+                summary = dict(load_artifact((artifacts or {})[spec.id], model)["summary"])
+            else:
+                summary = (inputs or MethodInputs()).quantize(model, spec, options)
             for name in todo[spec.id]:
                 if name not in prepared:
                     task = task_dict["tasks"][name]
-                    prepared[name] = PreparedTask(name, task, limit_for(limit, name), lm)
+                    prepared[name] = PreparedTask(name, task, settings.limit_for(name), lm)
                     # the model, tasks, requests and token memos live until the end: keep the
                     # garbage collector from rescanning them (a full pass took 0.3 s per spec)
                     gc.freeze()
                 progress.label = f"{model_meta.get('model')}/{spec.id}"
                 res = score_prepared(lm, prepared[name], progress)
-                df = task_frame(res, run_metadata(model_meta, spec, summary, lm, res, n_mm))
+                meta = run_metadata(model_meta, spec, summary, lm, res, n_mm)
+                if policy is not None:
+                    graphs = {
+                        "cuda_graphs": bool(getattr(lm, "cuda_graphs", False)),
+                        "graph_capture_s": _nan(policy.capture_s),
+                        "graph_saving_s": _nan(policy.saving_s),
+                    }
+                df = task_frame(res, {**meta, **graphs})
                 written[(spec.id, name)] = write_parquet(df, out_paths[(spec.id, name)])
                 log.info(
                     "%s %s: %s in %.1f s",
@@ -615,6 +557,9 @@ def evaluate_specs(
                     task_metrics(res.docs, res.output_type),
                     res.wall_time_s,
                 )
+            if policy is not None:
+                policy.record(done_specs, time.perf_counter() - t_spec, lm.cuda_graphs)
+            done_specs += 1
     finally:
         gc.unfreeze()
     return written

@@ -57,9 +57,11 @@ __all__ = [
     "build_task_dict",
     "corpus_task_config",
     "load_tasks",
+    "prepare_task",
     "prepare_tasks",
     "prepared_files",
     "render_template",
+    "task_dir",
     "task_files",
     "template_dir",
 ]
@@ -97,8 +99,7 @@ def task_files(task_names: Sequence[str], data_dir: Path) -> list[Path]:
 
 def prepared_files(task_names: Sequence[str], work_dir: Path) -> list[Path]:
     """Files :func:`prepare_tasks` writes for ``task_names`` (outputs for a workflow rule)."""
-    work_dir = Path(work_dir)
-    return [work_dir / f"{t}.{ext}" for t in task_names for ext in ("yaml", "jsonl")]
+    return [task_dir(work_dir, t) / f"{t}.{ext}" for t in task_names for ext in ("yaml", "jsonl")]
 
 
 def render_template(template: str, data_dir: Path) -> str:
@@ -184,20 +185,44 @@ def _split_names(
     return standard, corpus, other
 
 
-def _prepare_standard(tasks: Sequence[str], data_dir: Path, work_dir: Path) -> None:
-    """Convert standard tasks' originals and render their templates into ``work_dir``."""
-    templates = template_dir()
-    for task in tasks:
-        missing = [p for p in task_files([task], data_dir) if not p.is_file()]
-        if missing:
-            raise DataFileError(
-                f"task {task!r}: original data file(s) not found: "
-                f"{', '.join(str(p) for p in missing)}"
-            )
-        convert_task(task, data_dir, work_dir)
-        template = (templates / f"{task}.yaml").read_text(encoding="utf-8")
-        rendered = render_template(template, work_dir).encode("utf-8")
-        write_bytes(rendered, work_dir / f"{task}.yaml", if_changed=True)
+def task_dir(work_dir: Path, task: str) -> Path:
+    """The folder of one prepared task: ``<work_dir>/<task>/`` with ``<task>.yaml`` and
+    ``<task>.jsonl``. One folder per task, so that preparing or fixing one task touches nothing
+    of the others, and lm-eval's include path can name exactly the tasks a job needs."""
+    return Path(work_dir) / task
+
+
+def prepare_task(
+    task: str,
+    data_dir: Path | None,
+    work_dir: Path,
+    corpus: Mapping[str, Any] | str | os.PathLike | None = None,
+) -> Path:
+    """Convert one task's originals (a standard task under ``data_dir``, or a ``corpus``) and
+    render its definition into :func:`task_dir`; returns that folder."""
+    out = task_dir(work_dir, task)
+    out.mkdir(parents=True, exist_ok=True)
+    if corpus is not None:
+        spec = _corpus_spec(task, corpus)
+        data_file = out / f"{task}.jsonl"
+        convert_corpus(Path(spec.pop("path")), data_file, **spec)
+        text = yaml.safe_dump(corpus_task_config(task, data_file), sort_keys=False)
+        write_bytes(text.encode("utf-8"), out / f"{task}.yaml", if_changed=True)
+        return out
+    if task not in TASK_FILES:
+        raise ValueError(f"no local definition of task {task!r}; local tasks: {STANDARD_TASKS}")
+    if data_dir is None:
+        raise ValueError(f"task {task!r}: data_dir is needed to prepare it locally")
+    missing = [p for p in task_files([task], Path(data_dir)) if not p.is_file()]
+    if missing:
+        raise DataFileError(
+            f"task {task!r}: original data file(s) not found: {', '.join(str(p) for p in missing)}"
+        )
+    convert_task(task, Path(data_dir), out)
+    template = (template_dir() / f"{task}.yaml").read_text(encoding="utf-8")
+    rendered = render_template(template, out).encode("utf-8")
+    write_bytes(rendered, out / f"{task}.yaml", if_changed=True)
+    return out
 
 
 def prepare_tasks(
@@ -206,16 +231,15 @@ def prepare_tasks(
     work_dir: Path,
     corpora: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Convert the originals and write rendered task YAMLs + JSONL into ``work_dir``.
+    """Prepare every local task of ``task_names`` into its folder under ``work_dir``.
 
     ``data_dir`` holds the original files laid out as in :data:`TASK_FILES` (None: the standard
     tasks come from the hub and are not prepared); ``corpora`` maps a perplexity task name to a
     corpus path or to ``{"path", "max_docs", "max_tokens", "tokenizer", "split",
     "chunk_chars"}`` (see :func:`kbit.evaluation.convert.convert_corpus`). Names that are
     neither are left to lm-eval's built-in definitions, which :func:`load_tasks` falls back to.
-    ``work_dir`` should be a directory of its own (lm-eval indexes every YAML file below an
-    include path); it is created even when nothing is local. Returns ``work_dir``, ready for
-    :func:`load_tasks`, ``TaskManager(include_path=work_dir)`` or ``lm_eval --include_path``.
+    Returns ``work_dir``, ready for :func:`load_tasks` or ``lm_eval --include_path work_dir``
+    (lm-eval searches the task folders below it).
     """
     standard, corpus, other = _split_names(task_names, corpora)
     hub = other + (standard if data_dir is None else [])
@@ -223,14 +247,11 @@ def prepare_tasks(
         log.info("not prepared locally (lm-eval's built-in definitions apply): %s", hub)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    if standard and data_dir is not None:
-        _prepare_standard(standard, Path(data_dir), work_dir)
+    if data_dir is not None:
+        for task in standard:
+            prepare_task(task, Path(data_dir), work_dir)
     for name in corpus:
-        spec = _corpus_spec(name, (corpora or {})[name])
-        data_file = work_dir / f"{name}.jsonl"
-        convert_corpus(Path(spec.pop("path")), data_file, **spec)
-        text = yaml.safe_dump(corpus_task_config(name, data_file), sort_keys=False)
-        write_bytes(text.encode("utf-8"), work_dir / f"{name}.yaml", if_changed=True)
+        prepare_task(name, None, work_dir, (corpora or {})[name])
     return work_dir
 
 
@@ -242,19 +263,20 @@ def _check_local(tasks: Mapping[str, Any], names: Sequence[str], work_dir: Path)
             raise RuntimeError(f"lm-eval did not load the local task {name!r} from {work_dir}")
         files = (task.config.dataset_kwargs or {}).get("data_files", {})
         paths = [Path(p) for p in files.values()]
-        if task.config.dataset_path != "json" or paths != [(work_dir / f"{name}.jsonl").resolve()]:
+        expected = (task_dir(work_dir, name) / f"{name}.jsonl").resolve()
+        if task.config.dataset_path != "json" or paths != [expected]:
             raise RuntimeError(
                 f"task {name!r} resolved to {task.config.dataset_path!r} {files!r}, not the "
-                f"local data {work_dir / (name + '.jsonl')}"
+                f"local data {expected}"
             )
 
 
 def load_tasks(task_names: Sequence[str], include_dir: Path | None) -> dict:
-    """Load tasks from a directory prepared by :func:`prepare_tasks` (None: lm-eval's hub tasks).
+    """Load tasks prepared under ``include_dir`` (None: all of lm-eval's own, hub tasks).
 
     For a workflow that prepares the tasks once and evaluates many models: no conversion here.
-    Names with a YAML in ``include_dir`` are checked to resolve to it; any other name falls back
-    to lm-eval's built-in definition (whose index is only built when needed).
+    Names with a prepared folder are checked to resolve to it; any other name falls back to
+    lm-eval's built-in definition (whose index is only built when needed).
     """
     from lm_eval.tasks import TaskManager
 
@@ -267,26 +289,25 @@ def load_tasks(task_names: Sequence[str], include_dir: Path | None) -> dict:
         raise FileNotFoundError(
             f"prepared task directory not found: {include_dir} (run prepare_tasks first)"
         )
-    local = [t for t in task_names if (include_dir / f"{t}.yaml").is_file()]
+    local = [t for t in task_names if (task_dir(include_dir, t) / f"{t}.yaml").is_file()]
     return _load(task_names, include_dir, local)
 
 
 def _load(task_names: Sequence[str], include_dir: Path, local: Sequence[str]) -> dict:
-    """Load with ``include_dir`` on the include path; ``local`` names must resolve to it."""
+    """Load with the folders of the ``local`` tasks on the include path (and nothing else of
+    ``include_dir``); ``local`` names must resolve to them, the rest to lm-eval's own."""
     from lm_eval.tasks import TaskManager
 
     include_dir = Path(include_dir).resolve()
     others = [t for t in task_names if t not in local]
-    if others and include_dir.is_dir():
-        # a leftover YAML from an earlier preparation must not shadow a requested hub task
-        stale = [t for t in others if (include_dir / f"{t}.yaml").is_file()]
-        if stale:
-            raise RuntimeError(
-                f"{include_dir} holds local definitions of {stale}, which were requested from "
-                "the hub; use a separate work directory for hub and local evaluations"
-            )
-    manager = TaskManager(include_path=str(include_dir), include_defaults=bool(others))
+    paths = [str(task_dir(include_dir, t)) for t in local]
+    manager = TaskManager(include_path=paths or None, include_defaults=bool(others))
     loaded = manager.load(list(task_names))
+    absent = [n for n in task_names if n not in loaded["tasks"]]
+    if absent:
+        raise ValueError(
+            f"tasks {absent} are neither prepared under {include_dir} nor lm-eval tasks"
+        )
     _check_local(loaded["tasks"], local, include_dir)
     return loaded
 

@@ -2,6 +2,7 @@
 
 
 localrules:
+    lock_models,
     aggregate,
     fit,
     figures,
@@ -9,6 +10,22 @@ localrules:
 
 
 ANALYSIS = STUDY.config["analysis"]
+
+
+rule lock_models:
+    input:
+        [STUDY.model_dir(m) for m in MODELS],
+    output:
+        f"{R}/models.lock.yaml",
+    log:
+        f"{R}/logs/lock_models.log",
+    conda:
+        "../../environment.yml"
+    params:
+        dirs={m: STUDY.model_dir(m) for m in MODELS},
+        entries=STUDY.models,
+    script:
+        "../scripts/lock_models.py"
 
 
 rule aggregate:
@@ -32,6 +49,7 @@ rule aggregate:
     params:
         accuracy_metrics=ANALYSIS["accuracy_metrics"],
         sweeps=STUDY.sweeps,
+        perplexity_cap=ANALYSIS["perplexity_cap"],
     script:
         "../scripts/aggregate.py"
 

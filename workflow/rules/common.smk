@@ -1,4 +1,4 @@
-"""Shared helpers of the rules: model lists, wildcard constraints, job sizing."""
+"""Shared helpers of the rules: model lists, wildcard constraints, job sizing, inputs."""
 
 
 def _alternatives(names):
@@ -14,15 +14,31 @@ SINGLE = [m for m in MODELS if not STUDY.batched(m)]
 FETCHED = [m for m in MODELS if "path" not in STUDY.models[m]]
 QUANTS = STUDY.quant_ids
 TASKS = STUDY.tasks
+#: tasks with local definitions prepared from files (the others are lm-eval's hub tasks)
+LOCAL_TASKS = STUDY.local_tasks
+QUANTIZE = STUDY.quantize_options.science()
+GPTQ_QUANTS = STUDY.gptq_quants
+MIXED_QUANTS = STUDY.mixed_quants
 
 
 wildcard_constraints:
+    model=_alternatives(MODELS),
     quant=_alternatives(QUANTS),
     task=_alternatives(TASKS),
 
 
 def model_dir(wildcards):
     return STUDY.model_dir(wildcards.model)
+
+
+def task_sources(wildcards):
+    """The original files a local task is prepared from (a data-dir task or a corpus)."""
+    return STUDY.task_sources(wildcards.task)
+
+
+def task_inputs(tasks):
+    """The prepared files of the local ``tasks`` (one folder per task)."""
+    return [f"{RES}/tasks/{t}/{t}.yaml" for t in tasks if t in LOCAL_TASKS]
 
 
 def gpu_count(wildcards):
@@ -57,16 +73,48 @@ def quantized_output(path):
     return temp(directory(path))
 
 
-def eval_settings():
-    keys = ("dtype", "softmax_dtype", "device", "limit", "task_limits")
-    return {k: STUDY.config["eval"][k] for k in keys}
-
-
-def batch_size_input(wildcards):
-    return f"{R}/batch/{wildcards.model}.json"
+def eval_params(wildcards, tasks=TASKS):
+    """What changes an evaluation's scores: model identity, eval settings, quantize options."""
+    return {
+        "model_meta": STUDY.model_meta(wildcards.model),
+        "eval": STUDY.eval_settings(wildcards.model).science(tasks),
+        "quantize": QUANTIZE,
+        "trust_remote_code": STUDY.models[wildcards.model]["trust_remote_code"],
+    }
 
 
 def artifact_input(wildcards):
     if wildcards.quant == "fp16":
         return {}
     return {"artifact": f"{R}/quantized/{wildcards.model}/{wildcards.quant}"}
+
+
+def method_inputs(wildcards):
+    """What quantizing a spec needs beyond the model: GPTQ's calibration tokens, or the
+    assignment a mixed spec's search chose."""
+    if wildcards.quant in GPTQ_QUANTS:
+        return {"tokens": f"{R}/tokens/{wildcards.model}/gptq.safetensors"}
+    if wildcards.quant in MIXED_QUANTS:
+        return {"assignment": f"{R}/mixed/{wildcards.model}/{wildcards.quant}.json"}
+    return {}
+
+
+def batched_inputs(wildcards):
+    """Inputs of a small model's batched evaluation beyond the model: its GPTQ artifacts and the
+    assignments of its mixed specs (round-to-nearest specs are quantized in the job)."""
+    m = wildcards.model
+    return {
+        "artifacts": [f"{R}/quantized/{m}/{q}" for q in GPTQ_QUANTS],
+        "assignments": [f"{R}/mixed/{m}/{q}.json" for q in MIXED_QUANTS],
+    }
+
+
+def batch_size_input(wildcards):
+    return f"{R}/batch/{wildcards.model}.json"
+
+
+def manifest_of(wildcards):
+    """The evaluation job whose manifest lists this (model, quant, task) file."""
+    if STUDY.batched(wildcards.model):
+        return f"{R}/jobs/{wildcards.model}/all-specs.json"
+    return f"{R}/jobs/{wildcards.model}/{wildcards.quant}.json"

@@ -1,9 +1,9 @@
-"""Model weights: a pinned hub snapshot (safetensors only), a GGUF conversion or a tiny model."""
+"""Model weights (a pinned hub snapshot, a GGUF conversion or a tiny model) and task data."""
 
 
 localrules:
     download,
-    prepare_tasks,
+    prepare_task,
 
 
 rule download:
@@ -16,21 +16,26 @@ rule download:
     conda:
         "../../environment.yml"
     params:
-        entry=lambda wildcards: STUDY.models[wildcards.model],
+        entry=lambda wildcards: STUDY.download_entry(wildcards.model),
     script:
         "../scripts/download.py"
 
 
-rule prepare_tasks:
+rule prepare_task:
+    input:
+        task_sources,
     output:
-        directory(f"{RES}/tasks"),
+        yaml=f"{RES}/tasks/{{task}}/{{task}}.yaml",
+        data=f"{RES}/tasks/{{task}}/{{task}}.jsonl",
     log:
-        f"{RES}/logs/prepare_tasks.log",
+        f"{RES}/logs/prepare_task/{{task}}.log",
+    wildcard_constraints:
+        task=_alternatives(LOCAL_TASKS),
     conda:
         "../../environment.yml"
     params:
-        tasks=STUDY.config["tasks"],
+        task=lambda wildcards: wildcards.task,
         data_dir=STUDY.config["data_dir"],
-        corpora=STUDY.config["corpora"],
+        corpus=lambda wildcards: STUDY.config["corpora"].get(wildcards.task),
     script:
-        "../scripts/prepare_tasks.py"
+        "../scripts/prepare_task.py"

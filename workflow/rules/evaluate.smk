@@ -1,15 +1,17 @@
 """Zero-shot evaluation: one Parquet file per (model, quant, task), one row per document.
 
 Small models (``eval.batched_max_params``) evaluate every spec in one job that loads the model
-once; larger ones get one job per (model, quant, task) that reads the packed artifact. Both write
-the same files with identical contents.
+once; larger ones get one job per (model, spec) that reads the packed artifact and evaluates
+every task. Both write each finished (quant, task) file into a cache keyed by everything that
+determines it, then a manifest; the per-(model, quant, task) files are published from the cache
+by a local rule. So a failed or killed job loses no finished file of any other (model, quant,
+task), and a restarted one computes only what is missing.
 """
 
 
 rule batch_size:
     input:
         model=model_dir,
-        tasks=f"{RES}/tasks",
     output:
         f"{R}/batch/{{model}}.json",
     log:
@@ -20,11 +22,13 @@ rule batch_size:
         gpu=gpu_count,
         mem_mb=mem_mb,
     params:
-        tasks=TASKS,
-        eval=eval_settings(),
+        eval=lambda wildcards: STUDY.eval_settings(wildcards.model).science(),
         requested=lambda wildcards: STUDY.models[wildcards.model].get(
             "batch_size", STUDY.config["eval"]["batch_size"]
         ),
+        trust_remote_code=lambda wildcards: STUDY.models[wildcards.model][
+            "trust_remote_code"
+        ],
     script:
         "../scripts/batch_size.py"
 
@@ -33,12 +37,12 @@ rule evaluate:
     input:
         unpack(artifact_input),
         model=model_dir,
-        tasks=f"{RES}/tasks",
+        tasks=task_inputs(TASKS),
         batch_size=batch_size_input,
     output:
-        f"{R}/evals/{{model}}/{{quant}}/{{task}}.parquet",
+        f"{R}/jobs/{{model}}/{{quant}}.json",
     log:
-        f"{R}/logs/evaluate/{{model}}/{{quant}}/{{task}}.log",
+        f"{R}/logs/evaluate/{{model}}/{{quant}}.log",
     wildcard_constraints:
         model=_alternatives(SINGLE),
     conda:
@@ -48,24 +52,25 @@ rule evaluate:
         mem_mb=mem_mb,
         runtime=runtime_min,
     params:
-        task=lambda wildcards: wildcards.task,
-        quant=lambda wildcards: wildcards.quant,
-        model_meta=lambda wildcards: STUDY.model_meta(wildcards.model),
-        eval=eval_settings(),
-        quantize=STUDY.config["quantize"],
+        quants=lambda wildcards: [wildcards.quant],
+        tasks=TASKS,
+        settings=eval_params,
+        tasks_dir=f"{RES}/tasks",
+        cache=lambda wildcards: f"{R}/cache/evals/{wildcards.model}",
     script:
         "../scripts/evaluate.py"
 
 
 rule evaluate_batched:
     input:
+        unpack(batched_inputs),
         model=model_dir,
-        tasks=f"{RES}/tasks",
+        tasks=task_inputs(TASKS),
         batch_size=batch_size_input,
     output:
-        [f"{R}/evals/{{model}}/{q}/{t}.parquet" for q in QUANTS for t in TASKS],
+        f"{R}/jobs/{{model}}/all-specs.json",
     log:
-        f"{R}/logs/evaluate/{{model}}/batched.log",
+        f"{R}/logs/evaluate/{{model}}/all-specs.log",
     wildcard_constraints:
         model=_alternatives(BATCHED),
     conda:
@@ -77,9 +82,25 @@ rule evaluate_batched:
     params:
         quants=QUANTS,
         tasks=TASKS,
+        settings=eval_params,
+        tasks_dir=f"{RES}/tasks",
         cache=lambda wildcards: f"{R}/cache/evals/{wildcards.model}",
-        model_meta=lambda wildcards: STUDY.model_meta(wildcards.model),
-        eval=eval_settings(),
-        quantize=STUDY.config["quantize"],
     script:
-        "../scripts/evaluate_batched.py"
+        "../scripts/evaluate.py"
+
+
+localrules:
+    publish_eval,
+
+
+rule publish_eval:
+    input:
+        manifest_of,
+    output:
+        f"{R}/evals/{{model}}/{{quant}}/{{task}}.parquet",
+    log:
+        f"{R}/logs/publish/{{model}}/{{quant}}/{{task}}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/publish_eval.py"

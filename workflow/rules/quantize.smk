@@ -3,6 +3,7 @@
 
 rule quantize:
     input:
+        unpack(method_inputs),
         model=model_dir,
     output:
         quantized_output(f"{R}/quantized/{{model}}/{{quant}}"),
@@ -18,8 +19,11 @@ rule quantize:
         mem_mb=mem_mb,
         runtime=runtime_min,
     params:
-        spec=lambda wildcards: wildcards.quant,
-        settings=STUDY.config["quantize"],
-        device=STUDY.config["eval"]["device"],
+        quants=lambda wildcards: [wildcards.quant],
+        quantize=QUANTIZE,
+        gptq=lambda wildcards: (
+            STUDY.config["quant"]["gptq"] if wildcards.quant in GPTQ_QUANTS else None
+        ),
+        eval=lambda wildcards: STUDY.eval_settings(wildcards.model).science(),
     script:
         "../scripts/quantize.py"

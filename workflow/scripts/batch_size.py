@@ -1,17 +1,18 @@
 """The evaluation batch size of one model, chosen once and read by all its evaluation jobs."""
 
-from kbit.evaluation.batching import write_batch_size
-from kbit.evaluation.runner import choose_batch_size
-from kbit.logs import setup_logging
+from kbit.evaluation.batch_size import choose_batch_size, write_batch_size
+from kbit.logs import job
+from kbit.study import build_study
 
-log = setup_logging(snakemake.log[0])
-settings = dict(snakemake.params.eval)
-info = choose_batch_size(
-    snakemake.input.model,
-    requested=snakemake.params.requested,
-    dtype=settings.get("dtype", "auto"),
-    device=settings.get("device", "auto"),
-    softmax_dtype=settings.get("softmax_dtype", "float32"),
-)
-write_batch_size(snakemake.output[0], info)
-log.info("batch size %s", info)
+with job(snakemake) as log:
+    model = snakemake.wildcards.model
+    study = build_study(snakemake.config)
+    info = choose_batch_size(
+        snakemake.input.model,
+        requested=snakemake.params.requested,
+        settings=study.eval_settings(model),
+        trust_remote_code=snakemake.params.trust_remote_code,
+        what=model,
+    )
+    write_batch_size(snakemake.output[0], info)
+    log.info("batch size %s", info)

@@ -1,24 +1,33 @@
-"""One evaluation job: one (model, quant, task) -> one Parquet file, one row per document."""
+"""An evaluation job: the (quant, task) pairs of one model into the cache, then its manifest.
 
-from kbit.evaluation.batching import read_batch_size
-from kbit.evaluation.runner import evaluate_one, load_prepared_tasks, quant_options, task_limits
-from kbit.logs import setup_logging
+Used by both `evaluate` (one spec of a large model, from its packed artifact) and
+`evaluate_batched` (every spec of a small model, loaded once).
+"""
 
-log = setup_logging(snakemake.log[0])
-settings = dict(snakemake.params.eval)
-task = snakemake.params.task
-df = evaluate_one(
-    model_dir=snakemake.input.model,
-    quant=snakemake.params.quant,
-    task_dict=load_prepared_tasks([task], snakemake.input.tasks),
-    out_path=snakemake.output[0],
-    model_meta=dict(snakemake.params.model_meta),
-    artifact_dir=snakemake.input.get("artifact"),
-    dtype=settings.get("dtype", "auto"),
-    device=settings.get("device", "auto"),
-    softmax_dtype=settings.get("softmax_dtype", "float32"),
-    batch_size=read_batch_size(snakemake.input.batch_size),
-    limit=task_limits(settings, [task])[task],
-    quant_kwargs=quant_options(snakemake.params.get("quantize")),
-)
-log.info("%s: %d documents written to %s", task, len(df), snakemake.output[0])
+from pathlib import Path
+
+from kbit.evaluation.jobs import evaluate_job
+from kbit.logs import job
+from kbit.study import build_study
+
+with job(snakemake) as log:
+    quants = list(snakemake.params.quants)
+    artifact = snakemake.input.get("artifact")
+    # a small model's GPTQ artifacts and mixed assignments (folders and files named by quant id)
+    artifacts = {Path(p).name: p for p in snakemake.input.get("artifacts", [])}
+    assignments = {Path(p).stem: p for p in snakemake.input.get("assignments", [])}
+    if artifact:
+        artifacts[quants[0]] = artifact
+    evaluate_job(
+        build_study(snakemake.config),
+        snakemake.wildcards.model,
+        quants,
+        list(snakemake.params.tasks),
+        model_dir=snakemake.input.model,
+        batch_size_file=snakemake.input.batch_size,
+        tasks_dir=snakemake.params.tasks_dir,
+        cache_root=snakemake.params.cache,
+        manifest=snakemake.output[0],
+        artifacts=artifacts,
+        assignments=assignments,
+    )

@@ -1,26 +1,37 @@
-"""Quantize one model with one spec into a packed artifact with its bit accounting."""
+"""Packed artifacts of one model: one spec (a large model's job) or every GPTQ spec of a small
+model (loaded once, its weights restored between specs)."""
 
-from pathlib import Path
+from kbit.artifact import write_artifact
+from kbit.calibration import read_tokens
+from kbit.loading import load_model
+from kbit.logs import job
+from kbit.mixed import Assignment
+from kbit.model_quant import WeightSnapshot
+from kbit.settings import QuantizeOptions
+from kbit.study import build_study
 
-from kbit import QuantSpec
-from kbit.artifact import quantize_to_artifact
-from kbit.logs import setup_logging
-
-log = setup_logging(snakemake.log[0])
-settings = snakemake.params.settings
-device = snakemake.params.device
-if device == "auto":
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-summary = quantize_to_artifact(
-    Path(snakemake.input.model),
-    QuantSpec.parse(snakemake.params.spec),
-    Path(snakemake.output[0]),
-    device=device,
-    include=settings["include"],
-    exclude=settings["exclude"],
-    quantize_embeddings=settings["quantize_embeddings"],
-    quantize_lm_head=settings["quantize_lm_head"],
-)
-log.info("wrote %s: %s", snakemake.output[0], summary)
+with job(snakemake) as log:
+    model_key = snakemake.wildcards.model
+    study = build_study(snakemake.config)
+    settings = study.eval_settings(model_key)
+    trust = bool(study.models[model_key].get("trust_remote_code", False))
+    model, _ = load_model(snakemake.input.model, settings.dtype, settings.device, trust, model_key)
+    tokens_file = snakemake.input.get("tokens")
+    tokens = read_tokens(tokens_file)[0] if tokens_file else None
+    assignment_file = snakemake.input.get("assignment")
+    assignment = Assignment.read(assignment_file) if assignment_file else None
+    original = WeightSnapshot(model)
+    for quant, out in zip(snakemake.params.quants, snakemake.output, strict=True):
+        original.restore(model)
+        meta = write_artifact(
+            model,
+            snakemake.input.model,
+            quant,
+            out,
+            options=QuantizeOptions.from_config(snakemake.params.quantize),
+            calibration=tokens,
+            gptq=snakemake.params.gptq,
+            assignment=assignment,
+            settings={"load_dtype": str(model.dtype), "device": str(model.device)},
+        )
+        log.info("wrote %s: %s", out, meta["summary"])
