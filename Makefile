@@ -10,7 +10,7 @@ SMOKE_DATA := $(if $(wildcard $(SHARED_DATA)/eval),$(SHARED_DATA)/eval,tests/dat
 SNAKEMAKE := $(VENV)/bin/snakemake
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test smoke lint report install clean
+.PHONY: run test smoke smoke-report lint report install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ smoke: $(VENV)/.installed
 
 report: $(VENV)/.installed
 	$(SNAKEMAKE) --profile profiles/default --report results/report.html
+
+smoke-report: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(SNAKEMAKE) --profile profiles/default --configfile config/smoke.yaml \
+		--config data_dir=$(SMOKE_DATA) --report results/smoke/report.html
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check kbit tests workflow benchmarks

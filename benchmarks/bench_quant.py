@@ -1,37 +1,46 @@
-"""Throughput of kbit's Triton kernels against a device copy and against bitsandbytes.
+"""Throughput of kbit's Triton quantization kernels against a device copy (and bitsandbytes).
 
-One run measures, on one 2^28-element fp16 tensor of randn:
+One run writes ONE table for the GPU it runs on (``quant_<gpu name>.json`` / ``.md`` in
+``--out``; other GPUs' files are left alone). On one fp16 randn tensor of 2^28 values it
+measures:
 
-* the anchor: a device-to-device copy (bytes read + written / time), the practical ceiling for
-  any one-pass elementwise kernel;
-* ``fake_quantize_blockwise`` (read fp16, write fp16) for int/float/nf/dynamic at k = 3, 4, 8
-  and B = 32..4096, as GB/s and as % of the copy bandwidth, with each code search
-  (``KernelConfig.search``: the midpoint tree, one-read bucket records, a 1-byte bucket table
-  + midpoint and codebook reads, the same with the tables in shared memory); the default
-  configuration (``search="auto"``) picks one of them per codebook;
-* 4-bit quantize-to-packed and dequantize against bitsandbytes ``quantize_4bit`` /
-  ``dequantize_4bit`` (fp4, nf4), and 8-bit against bitsandbytes ``quantize_blockwise`` /
-  ``dequantize_blockwise``, at B = 64..4096.
+* the anchor: a device-to-device copy (bytes read + written / time), the ceiling for any
+  one-pass elementwise kernel;
+* ``fake_quantize`` (read fp16, write fp16) and quantize-to-packed (read fp16, write k-bit codes
+  and block scales) for every codebook family at k = 3, 4, 8 (int, float, nf, dynamic,
+  quantile) and the microscaling types (mxfp4/6/8 in both exponent splits, mxint8, mxint4,
+  nvfp4), at B = 32 .. 4096 (``--quick``: 64 and 1024; nvfp4 also at its own 16), as GB/s and
+  % of the copy; dequantize too (without ``--quick``); ``--variants`` times every code
+  search on the absmax codebooks;
+* against bitsandbytes when it imports: ``quantize_4bit`` / ``dequantize_4bit`` (nf4, fp4)
+  and 8-bit ``quantize_blockwise`` / ``dequantize_blockwise`` at B = 64 .. 4096.
+
+``--check`` first compares every kernel path with ``kbit.blockwise`` on the GPU, bit for bit
+(random and adversarial inputs: exact midpoints and ties, every fp16 value, zeros and -0,
+subnormals, saturation, zero and subnormal scales, partial blocks, every input and scale dtype)
+and the fast division with ``div_rn`` on every pair of its domains; any difference prints the
+case and exits with status 1 before anything is timed. ``--check-only`` stops after it.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first). GB/s counts the
-bytes each implementation must move (its input once, its outputs once, scales included), so
-numbers of different implementations are comparable as speed, and speedups are time ratios.
+bytes each implementation must move (its input once, its outputs once, scales included).
 
-Usage: python benchmarks/bench_quant.py --out DIR [--numel N] [--sweep]
-       [--bits 3,4,8] [--searches tree,bucket,...] [--no-bnb]
+Usage (each command well inside 10 minutes on an H200):
+    python benchmarks/bench_quant.py --out DIR --check-only      # full self-check, ~5 min
+    python benchmarks/bench_quant.py --out DIR                   # the full table, ~6 min
+    python benchmarks/bench_quant.py --out DIR --quick --check   # both reduced, ~4 min
+Options: --variants [--variant-blocks 64,1024], --families int,float,nf,dynamic,quantile,mx,
+--bits 3,4,8, --blocks 32,..., --numel N, --no-bnb, --check-parts absmax,microscaling,...
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import math
 import platform
 import re
 import sys
-import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -40,323 +49,632 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kbit import kernels
-from kbit.codebooks import codebook
-from kbit.kernels.launch import DEFAULT_CONFIG
+from kbit.blockwise import (
+    fake_quantize,
+    fake_quantize_blockwise_reference,
+    quantize,
+    quantize_blockwise_reference,
+)
+from kbit.codebooks import codebook, element_grid
+from kbit.io import write_json, write_text
+from kbit.kernels.launch import DEFAULT_CONFIG, KernelConfig
+from kbit.packing import pack
+from kbit.spec import QuantSpec
 
-FQ_TYPES = ("int", "float", "nf", "dynamic")
-FQ_BITS = (3, 4, 8)
-FQ_BLOCKS = (32, 64, 128, 256, 1024, 4096)
-#: code searches timed for every codebook (``KernelConfig.search``)
-FQ_SEARCHES = ("tree", "bucket", "bucket-mid", "bucket-smem")
+FAMILIES = ("int", "float", "nf", "dynamic", "quantile")
+BITS = (3, 4, 8)
+BLOCKS = (32, 64, 128, 256, 1024, 4096)
+MX_SPECS = (
+    "mxfp4", "mxfp6", "mxfp6-e3-b32", "mxfp8", "mxfp8-e5-b32", "mxint8", "mxint4", "nvfp4",
+)  # fmt: skip
+QUICK_BLOCKS = (64, 1024)
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
+#: where the checks run: "cuda", or "cpu" under TRITON_INTERPRET=1 (a slow local smoke run)
+DEVICE = "cuda"
+#: code searches timed by --variants (label -> KernelConfig fields), for table codebooks and
+#: for int/float
+TABLE_VARIANTS = {
+    "pair-smem": dict(search="pair-smem"),
+    "pair-smem/uniform": dict(search="pair-smem", pair_layout="uniform"),
+    "pair-smem/log": dict(search="pair-smem", pair_layout="log"),
+    "pair-smem/binade": dict(search="pair-smem", pair_layout="binade"),
+    "pair/binade": dict(search="pair", pair_layout="binade"),
+    "bucket-mid": dict(search="bucket-mid"),
+}
+ARITH_VARIANTS = {
+    "arith": dict(search="arith"),
+    "pair-smem": dict(search="pair-smem"),
+    "pair-smem/log": dict(search="pair-smem", pair_layout="log"),
+}
 
 
-def _bench(fn, warmup_ms: int = 25, rep_ms: int = 150) -> float:
-    """Median milliseconds of ``fn`` (CUDA events)."""
+# ----------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One row: an absmax codebook (``name``/``bits``) or a microscaling spec (``spec``)."""
+
+    label: str
+    family: str
+    bits: int
+    spec: str | None = None  # microscaling spec id without the block suffix
+
+    @property
+    def microscaling(self) -> bool:
+        return self.spec is not None
+
+
+def cases(families: tuple[str, ...], bits: tuple[int, ...]) -> list[Case]:
+    out = [Case(f"{f}{k}", f, k) for f in families if f != "mx" for k in bits]
+    if "mx" in families:
+        for s in MX_SPECS:
+            sp = QuantSpec.parse(s)
+            out.append(Case(s.removesuffix("-b32"), sp.dtype, sp.bits, s))
+    return out
+
+
+def mx_spec(case: Case, block: int) -> QuantSpec:
+    return QuantSpec.parse(case.spec).replace(block_size=block)
+
+
+def case_codebook(case: Case, x: torch.Tensor) -> torch.Tensor:
+    if case.family == "quantile":
+        return codebook("quantile", case.bits, data=x).to(torch.float16).float().unique()
+    return codebook(case.family, case.bits)
+
+
+def auto_search(cb: torch.Tensor, pack_: bool = False, cfg: KernelConfig = DEFAULT_CONFIG) -> str:
+    from kbit.kernels import launch
+
+    return launch._resolve_search(cb, cfg, pack_)
+
+
+# ----------------------------------------------------------------------------- timing
+def _bench(fn, warmup_ms: int, rep_ms: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events).
+
+    ``fn`` runs once first (compilation, table uploads), then ``do_bench`` warms up for
+    ``warmup_ms``: long enough for the clocks to come back up after the host-side pause, which
+    otherwise makes the first measurements after a compilation run at idle clocks."""
     import triton.testing
 
+    fn()
+    torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def _gbs(nbytes: int, ms: float) -> float:
+def _gbs(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _scale_bytes(case: Case) -> int:
+    return 1 if case.microscaling else 2
 
 
+def time_case(
+    x: torch.Tensor, case: Case, block: int, copy_gbs: float, reps: tuple[int, int], dequant: bool,
+    cfg: KernelConfig = DEFAULT_CONFIG,
+) -> dict:  # fmt: skip
+    """fake quantize, quantize-to-packed (and dequantize) of one case at one block size."""
+    n = x.numel()
+    nblocks = -(-n // block)
+    row = dict(case=case.label, family=case.family, bits=case.bits, block=block)
+    if case.microscaling:
+        spec = mx_spec(case, block)
+        fake = partial(kernels.fake_quantize_microscaling, x, spec, config=cfg)
+        quant = partial(kernels.quantize_microscaling, x, spec, config=cfg)
+        row["search"] = "arith"
+    else:
+        cb = case_codebook(case, x)
+        fake = partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg)
+        quant = partial(kernels.quantize_blockwise, x, cb, block, torch.float16, case.bits,
+                        config=cfg)  # fmt: skip
+        row["search"] = auto_search(cb, False, cfg)
+        row["pack_search"] = auto_search(cb, True, cfg)
+    # NVFP4's global scale needs the tensor's absmax before any block: one more read of x
+    extra = 2 * n if case.family == "nvfp" else 0
+    ms = _bench(fake, *reps)
+    row.update(fake_ms=ms, fake_gbs=_gbs(4 * n + extra, ms))
+    row["fake_pct"] = 100 * row["fake_gbs"] / copy_gbs
+    moved = extra + 2 * n + math.ceil(n * case.bits / 8) + _scale_bytes(case) * nblocks
+    ms = _bench(quant, *reps)
+    row.update(quant_ms=ms, quant_gbs=_gbs(moved, ms))
+    row["quant_pct"] = 100 * row["quant_gbs"] / copy_gbs
+    if dequant:
+        out = quant()
+        if case.microscaling:
+            packed, scales, g = out
+            fn = partial(kernels.dequantize_microscaling, packed, scales, spec, n, g)
+        else:
+            packed, scales = out
+            fn = partial(kernels.dequantize_blockwise, packed, scales, cb, block, case.bits, n)
+        ms = _bench(fn, *reps)
+        row.update(dequant_ms=ms, dequant_gbs=_gbs(moved, ms))
+        row["dequant_pct"] = 100 * row["dequant_gbs"] / copy_gbs
+    return row
+
+
+def bench_rows(x, case_list, blocks, copy_gbs, reps, dequant) -> list[dict]:
+    rows = []
+    for case in case_list:
+        bl = list(blocks)
+        if case.spec == "nvfp4" and 16 not in bl:
+            bl = [16, *bl]
+        for block in bl:
+            try:
+                row = time_case(x, case, block, copy_gbs, reps, dequant)
+            except Exception as e:  # keep the other measurements
+                row = dict(case=case.label, family=case.family, bits=case.bits, block=block,
+                           error=repr(e)[:300])  # fmt: skip
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+    return rows
+
+
+def _fmt_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['case']} B={row['block']}: ERROR {row['error']}"
+    s = (
+        f"{row['case']} B={row['block']} [{row.get('search')}]: fake {row['fake_ms']:.3f} ms "
+        f"({row['fake_pct']:.0f}%), quant {row['quant_ms']:.3f} ms ({row['quant_pct']:.0f}%)"
+    )
+    if "dequant_ms" in row:
+        s += f", dequant {row['dequant_ms']:.3f} ms ({row['dequant_pct']:.0f}%)"
+    return s
+
+
+def variants(x: torch.Tensor, copy_gbs: float, blocks, reps) -> list[dict]:
+    """Every code search on the table and arithmetic codebooks (speed only; results equal)."""
+    rows = []
+    for case in cases(FAMILIES, BITS):
+        cb = case_codebook(case, x)
+        names = ARITH_VARIANTS if case.family in ("int", "float") else TABLE_VARIANTS
+        for search, fields in names.items():
+            cfg = replace(DEFAULT_CONFIG, bucket_min_entries=0, **fields)
+            for block in blocks:
+                row = dict(case=case.label, search=search, block=block)
+                try:
+                    ms = _bench(partial(kernels.fake_quantize_blockwise, x, cb, block,
+                                        config=cfg), *reps)  # fmt: skip
+                    row.update(fake_ms=ms, fake_pct=100 * _gbs(4 * x.numel(), ms) / copy_gbs)
+                    q = partial(kernels.quantize_blockwise, x, cb, block, torch.float16,
+                                case.bits, config=cfg)  # fmt: skip
+                    ms = _bench(q, *reps)
+                    moved = 2 * x.numel() + x.numel() * case.bits / 8 + 2 * x.numel() / block
+                    row.update(quant_ms=ms, quant_pct=100 * _gbs(moved, ms) / copy_gbs)
+                except Exception as e:
+                    row["error"] = repr(e)[:300]
+                rows.append(row)
+                print("variant", row, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- bitsandbytes
 def _load_bnb():
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
-    except Exception as e:  # a broken install must not stop the kbit numbers
+    except Exception as e:  # a missing or broken install must not stop the kbit numbers
         print(f"bitsandbytes unavailable: {e!r}", flush=True)
         return None, None
     return bnb, bnbf
 
 
-def _auto_search(cb: torch.Tensor, pack: bool = False) -> str:
-    """The search ``search="auto"`` runs for this codebook (as ``launch._search_args``)."""
-    from kbit.kernels import launch
-
-    kw = launch._search_args(cb, torch.device("cpu"), DEFAULT_CONFIG, pack)["kw"]
-    return {v: k for k, v in launch._SEARCH_MODES.items()}[kw["SEARCH"]]
-
-
-def sweep(x: torch.Tensor, copy_gbs: float) -> list[dict]:
-    """Launch-parameter variants on representative cases (results never change, only speed).
-
-    A variant that fails to compile is recorded with its error instead of stopping the run.
-    """
-    rows = []
-    fake_vars = [
-        dict(fast_div=False),
-        dict(tile=4096, per_thread=16),
-        dict(tile=1024, per_thread=8),
-        dict(per_thread=8),
-    ]
-    pack_vars = [
-        dict(search="tree"),
-        dict(search="bucket-mid"),
-        dict(search="bucket-smem"),
-        dict(fast_div=False),
-        dict(pack_tile=2048, pack_per_thread=16),
-    ]
-    cases = (("dynamic", 8, 64), ("nf", 8, 128), ("int", 8, 4096), ("nf", 4, 1024), ("int", 3, 64))
-    for op, variants in (("fake_quantize", fake_vars), ("quantize", pack_vars)):
-        for var in variants:
-            cfg = replace(DEFAULT_CONFIG, **var)
-            for name, k, block in cases:
-                cb = codebook(name, k)
-                if op == "fake_quantize":
-                    fn = partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg)
-                else:
-                    fn = partial(kernels.quantize_blockwise, x, cb, block, torch.float16, k,
-                                 config=cfg)  # fmt: skip
-                search = _auto_search(cb, pack=op == "quantize")
-                row = dict(kernel=op, case=f"{name}{k}-b{block}", search=search)
-                row.update(var)
-                try:
-                    row["ms"] = _bench(fn)
-                    if op == "fake_quantize":
-                        row["pct_copy"] = 100 * _gbs(4 * x.numel(), row["ms"]) / copy_gbs
-                except Exception as e:  # keep the other measurements
-                    row["error"] = repr(e)[:300]
-                rows.append(row)
-                print(f"sweep {row}", flush=True)
-    return rows
-
-
-def bench_fake_quantize(x: torch.Tensor, copy_gbs: float) -> list[dict]:
-    n = x.numel()
-    rows = []
-    for name in FQ_TYPES:
-        for k in FQ_BITS:
-            cb = codebook(name, k)
-            auto = _auto_search(cb)
-            for search in FQ_SEARCHES:
-                cfg = replace(DEFAULT_CONFIG, search=search, bucket_min_entries=0)
-                for block in FQ_BLOCKS:
-                    ms = _bench(partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg))
-                    gbs = _gbs(4 * n, ms)
-                    pct = 100 * gbs / copy_gbs
-                    rows.append(dict(dtype=name, bits=k, block=block, search=search,
-                                     default=search == auto, codebook_size=cb.numel(), ms=ms,
-                                     gbs=gbs, pct_copy=pct))  # fmt: skip
-                    print(f"fake_quantize {name}{k} search={search} B={block}: {ms:.3f} ms "
-                          f"{gbs:.0f} GB/s ({pct:.0f}% of copy)", flush=True)  # fmt: skip
-    return rows
-
-
-def bench_vs_bnb(x: torch.Tensor, bnbf) -> tuple[list[dict], dict]:
-    """4-bit and 8-bit quantize/dequantize, kbit against bitsandbytes, same tensor."""
+def bench_vs_bnb(x: torch.Tensor, bnbf, reps) -> list[dict]:
+    """nf4/fp4 ``quantize_4bit`` and 8-bit dynamic ``quantize_blockwise``, kbit vs bnb."""
     n = x.numel()
     rows: list[dict] = []
-    agreement: dict = {}
-    kinds = [("nf4", "nf", 4), ("fp4", "float", 4), ("dynamic8", "dynamic", 8)]
-    for label, name, k in kinds:
+    for label, name, k in (("nf4", "nf", 4), ("fp4", "float", 4), ("dynamic8", "dynamic", 8)):
         cb = codebook(name, k) if label != "fp4" else codebook("float", 4, 2)
         for block in BNB_BLOCKS:
-            nblocks = -(-n // block)
-            packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k)
-            q_ms = _bench(lambda cb=cb, b=block, k=k: kernels.quantize_blockwise(
-                x, cb, b, torch.float16, k))  # fmt: skip
-            d_ms = _bench(lambda p=packed, s=sc, cb=cb, b=block, k=k: kernels.dequantize_blockwise(
-                p, s, cb, b, k, n, torch.float16))  # fmt: skip
-            moved = 2 * n + n * k // 8 + 2 * nblocks
-            row = dict(kind=label, block=block, kbit_quant_ms=q_ms, kbit_dequant_ms=d_ms,
-                       kbit_quant_gbs=_gbs(moved, q_ms),
-                       kbit_dequant_gbs=_gbs(moved, d_ms))  # fmt: skip
-            if bnbf is not None:
+            row = dict(kind=label, block=block)
+            try:
+                packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k)
+                row["kbit_quant_ms"] = _bench(
+                    partial(kernels.quantize_blockwise, x, cb, block, torch.float16, k), *reps
+                )
+                row["kbit_dequant_ms"] = _bench(
+                    partial(kernels.dequantize_blockwise, packed, sc, cb, block, k, n), *reps
+                )
                 if k == 4:
-                    qt = label
-                    bq, st = bnbf.quantize_4bit(x, blocksize=block, quant_type=qt)
-                    bq_ms = _bench(lambda b=block, qt=qt: bnbf.quantize_4bit(
-                        x, blocksize=b, quant_type=qt))  # fmt: skip
-                    bd_ms = _bench(lambda bq=bq, st=st: bnbf.dequantize_4bit(bq, st))
+                    bq, st = bnbf.quantize_4bit(x, blocksize=block, quant_type=label)
+                    row["bnb_quant_ms"] = _bench(
+                        partial(bnbf.quantize_4bit, x, blocksize=block, quant_type=label), *reps
+                    )
+                    row["bnb_dequant_ms"] = _bench(partial(bnbf.dequantize_4bit, bq, st), *reps)
                 else:
                     bq, st = bnbf.quantize_blockwise(x, blocksize=block)
-                    bq_ms = _bench(lambda b=block: bnbf.quantize_blockwise(x, blocksize=b))
-                    bd_ms = _bench(lambda bq=bq, st=st: bnbf.dequantize_blockwise(bq, st))
-                bmoved = 2 * n + n * k // 8 + 4 * nblocks  # bitsandbytes keeps fp32 absmax
-                row.update(bnb_quant_ms=bq_ms, bnb_dequant_ms=bd_ms,
-                           bnb_quant_gbs=_gbs(bmoved, bq_ms), bnb_dequant_gbs=_gbs(bmoved, bd_ms),
-                           quant_speedup=bq_ms / q_ms, dequant_speedup=bd_ms / d_ms)  # fmt: skip
-                if block == 64:
-                    agreement[label] = _agreement(x, cb, block, k, bnbf, bq, st)
+                    row["bnb_quant_ms"] = _bench(
+                        partial(bnbf.quantize_blockwise, x, blocksize=block), *reps
+                    )
+                    row["bnb_dequant_ms"] = _bench(
+                        partial(bnbf.dequantize_blockwise, bq, st), *reps
+                    )
+                row["quant_speedup"] = row["bnb_quant_ms"] / row["kbit_quant_ms"]
+                row["dequant_speedup"] = row["bnb_dequant_ms"] / row["kbit_dequant_ms"]
+            except Exception as e:
+                row["error"] = repr(e)[:300]
             rows.append(row)
-            print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}"
-                           for key, v in row.items()), flush=True)  # fmt: skip
-    return rows, agreement
+            print("bnb", row, flush=True)
+    return rows
 
 
-def _agreement(x, cb, block, k, bnbf, bq, st) -> dict:
-    """How close kbit (fp32 scales, same codebook) and bitsandbytes dequantized values are.
-
-    Not expected to be identical: bitsandbytes multiplies by 1/absmax (one more rounding) and
-    its fp4 uses a different exponent bias; the fraction shows that both compute the same
-    quantizer up to those rounding-level differences."""
-    ours = kernels.fake_quantize_blockwise(x, cb, block, torch.float32).float()
-    theirs = bnbf.dequantize_4bit(bq, st) if k == 4 else bnbf.dequantize_blockwise(bq, st)
-    theirs = theirs.reshape(-1).float()
-    diff = (ours - theirs).abs()
-    return dict(equal_fraction=float((diff == 0).float().mean()),
-                max_abs_diff=float(diff.max()),
-                rel_l2=float(diff.norm() / theirs.norm()))  # fmt: skip
+# ----------------------------------------------------------------------------- GPU self-check
+class Mismatch(AssertionError):
+    pass
 
 
-def self_check(x: torch.Tensor) -> dict:
-    """On the full tensor: dequantize(quantize(x)) equals fake_quantize(x), bit for bit, and
-    every 8-bit codebook gives the same result with each code search."""
-    out = {}
-    for name, k, block in (("nf", 4, 64), ("float", 3, 128), ("dynamic", 8, 4096)):
-        cb = codebook(name, k)
-        y = kernels.fake_quantize_blockwise(x, cb, block)
-        p, s = kernels.quantize_blockwise(x, cb, block, torch.float16, k)
-        d = kernels.dequantize_blockwise(p, s, cb, block, k, x.numel(), torch.float16)
-        out[f"{name}{k}-b{block}"] = bool(torch.equal(y, d))
-    for name in FQ_TYPES:
-        cb = codebook(name, 8)
-        ys = []
-        for search in FQ_SEARCHES:
-            cfg = replace(DEFAULT_CONFIG, search=search)
-            ys.append(kernels.fake_quantize_blockwise(x, cb, 64, config=cfg))
-        out[f"{name}8-b64-searches-equal"] = all(torch.equal(ys[0], y) for y in ys[1:])
-        ys = None
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (so -0 and +0 differ, and a NaN never passes)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point:
+        ints = {2: torch.int16, 4: torch.int32, 1: torch.uint8}[a.element_size()]
+        return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+    return torch.equal(a, b)
+
+
+def _expect(ok: bool, what: str, failures: list[str]) -> None:
+    if not ok:
+        failures.append(what)
+        print(f"MISMATCH {what}", flush=True)
+
+
+def random_input(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(n, generator=gen, device=DEVICE)
+    x = x * torch.randn(n, generator=gen, device=DEVICE).exp() * 0.5
+    return x.to(dtype)
+
+
+def adversarial_absmax(cb: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks whose values sit exactly on, just above and below every midpoint and entry,
+    with scales that are powers of two (so x / s is exact), plus zero, -0, subnormal and
+    saturating blocks. Exact for fp32 inputs; rounded to fp16/bf16 otherwise."""
+    cb = cb.float().to(DEVICE)
+    mids = (cb[:-1] + cb[1:]) / 2
+    up = torch.nextafter(mids, torch.tensor(math.inf, device=DEVICE))
+    down = torch.nextafter(mids, torch.tensor(-math.inf, device=DEVICE))
+    vals = torch.cat([mids, up, down, cb, torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0],
+                                                       device=DEVICE)])  # fmt: skip
+    body = max(1, block - 1)
+    parts = []
+    for scale in (1.0, 2.0**-7, 2.0**9):
+        for start in range(0, vals.numel(), body):
+            chunk = vals[start : start + body] * scale
+            head = torch.tensor([scale], device=DEVICE)  # absmax = scale exactly
+            blk = torch.cat([head, chunk, torch.zeros(body - chunk.numel(), device=DEVICE)])
+            parts.append(blk[:block])
+    extra = [
+        torch.zeros(block, device=DEVICE),  # zero scale
+        torch.full((block,), -0.0, device=DEVICE),
+        torch.linspace(-1e5, 7e4, block, device=DEVICE),  # clamped fp16 scale
+        torch.linspace(-3e-6, 1e-6, block, device=DEVICE),  # fp16 subnormal scale
+        torch.linspace(-1e-9, 1e-9, block, device=DEVICE),  # fp16 scale rounds to 0
+        torch.linspace(-1e-39, 2e-39, block, device=DEVICE),  # fp32/bf16 subnormal scale
+        torch.linspace(-1.0, 1.0004, block, device=DEVICE),  # absmax rounds down in fp16
+    ]
+    x = torch.cat(parts + extra)
+    if dtype == torch.float16:
+        x = x.clamp(-65504, 65504)
+    return x.to(dtype)
+
+
+def adversarial_mx(spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks with exact raw-grid ties (ties to even), entries, neighbours, saturation and
+    tiny or zero blocks, under power-of-two shared scales."""
+    g = element_grid(spec)
+    grid = g.values.to(DEVICE)
+    mids = (grid[:-1] + grid[1:]) / 2
+    inf = torch.tensor(math.inf, device=DEVICE)
+    vals = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), grid,
+                      grid * 1.75, torch.tensor([0.0, -0.0], device=DEVICE)])  # fmt: skip
+    b = spec.block_size
+    body = max(1, b - 1)
+    parts = []
+    top = 2.0**g.emax  # absmax 2^emax: shared exponent 0, x / s == x
+    for k in (0, -5, 7):
+        for start in range(0, vals.numel(), body):
+            chunk = vals[start : start + body] * 2.0**k
+            head = torch.tensor([top * 2.0**k], device=DEVICE)
+            parts.append(
+                torch.cat([head, chunk, torch.zeros(body - chunk.numel(), device=DEVICE)])[:b]
+            )
+    parts += [
+        torch.zeros(b, device=DEVICE),
+        torch.full((b,), -0.0, device=DEVICE),
+        torch.linspace(-1e-38, 1e-39, b, device=DEVICE),  # 2^-127 scale (fp32/bf16)
+        torch.linspace(-1.0, 1.0, b, device=DEVICE) * 3e38,
+    ]
+    x = torch.cat(parts)
+    if dtype == torch.float16:
+        x = x.clamp(-60000, 60000)
+    return x.to(dtype)
+
+
+def all_fp16(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite fp16 value once, in a fixed shuffled order."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    v = bits.view(torch.float16)
+    v = v[torch.isfinite(v)]
+    perm = torch.randperm(v.numel(), generator=torch.Generator().manual_seed(3))
+    return v[perm].to(DEVICE).to(dtype)
+
+
+def check_absmax(failures: list[str], quick: bool = False) -> int:
+    """Kernels vs kbit.blockwise for every codebook family at k = 2..8 (``quick``: k = 2, 3, 4,
+    8 and three exponent splits), rotating block sizes, input and scale dtypes over random,
+    adversarial and all-fp16 inputs."""
+    dts = (torch.float16, torch.bfloat16, torch.float32)
+    blocks = (32, 64, 100, 4096, 5000, None)
+    count = 0
+    books = []
+    data = random_input(1 << 16, torch.float32, 0)
+    for k in (2, 3, 4, 8) if quick else range(2, 9):
+        books.append((f"int{k}", k, codebook("int", k)))
+        splits = sorted({1, k - 1, QuantSpec(dtype="float", bits=k).exponent_bits or 1})
+        for e in (splits if quick else range(1, k)) if k >= 3 else ():
+            books.append((f"float{k}-e{e}", k, codebook("float", k, e)))
+        books.append((f"nf{k}", k, codebook("nf", k)))
+        if k >= 3:
+            books.append((f"dynamic{k}", k, codebook("dynamic", k)))
+        books.append((f"quantile{k}", k, codebook("quantile", k, data=data)))
+    for i, (label, k, cb) in enumerate(books):
+        for j in range(2 if quick else 3):
+            dt = dts[(i + j) % 3]
+            sdt = dts[(i + 2 * j) % 3]
+            block = blocks[(i + j) % len(blocks)]
+            b = block or 256
+            inputs = [random_input(12_347, dt, 7 * i + j), adversarial_absmax(cb, b, dt)]
+            if j == 0 and (not quick or i % 3 == 0):
+                inputs.append(all_fp16(dt))
+            for x in inputs:
+                what = f"{label} B={block} x={dt} scale={sdt} n={x.numel()}"
+                y = kernels.fake_quantize_blockwise(x, cb, block, sdt)
+                _expect(_same(y, fake_quantize_blockwise_reference(x, cb, block, sdt)),
+                        f"fake {what}", failures)  # fmt: skip
+                packed, sc = kernels.quantize_blockwise(x, cb, block, sdt, k)
+                codes, scales = quantize_blockwise_reference(x, cb, block, sdt)
+                _expect(_same(packed, pack(codes, k)) and _same(sc, scales), f"pack {what}",
+                        failures)  # fmt: skip
+                d = kernels.dequantize_blockwise(packed, sc, cb, block, k, x.numel(), dt)
+                _expect(_same(d, y.reshape(-1)), f"dequant {what}", failures)
+                count += 1
+    return count
+
+
+def check_microscaling(failures: list[str], quick: bool = False) -> int:
+    """Microscaling kernels vs ``quantize(...).dequantize()`` (torch) bit for bit."""
+    count = 0
+    for i, s in enumerate(MX_SPECS):
+        base = QuantSpec.parse(s)
+        blocks = (base.block_size, 20) if quick else (base.block_size, 64, 20, 8192)
+        for j, block in enumerate(blocks):
+            spec = base.replace(block_size=block)
+            dt = (torch.float16, torch.bfloat16, torch.float32)[(i + j) % 3]
+            for x in (random_input(12_345, dt, i + 10 * j), adversarial_mx(spec, dt),
+                      all_fp16(dt)):  # fmt: skip
+                what = f"{spec.id} x={dt} n={x.numel()}"
+                q = quantize(x, spec)
+                ref = q.dequantize()
+                _expect(_same(kernels.fake_quantize_microscaling(x, spec), ref), f"fake {what}",
+                        failures)  # fmt: skip
+                packed, scales, g = kernels.quantize_microscaling(x, spec)
+                ok = _same(packed, q.codes) and _same(scales, q.scales)
+                if spec.dtype == "nvfp":
+                    ok = ok and _same(g, q.extras["global_scale"])
+                _expect(ok, f"pack {what}", failures)
+                d = kernels.dequantize_microscaling(packed, scales, spec, x.numel(), g, dt)
+                _expect(_same(d, ref.reshape(-1)), f"dequant {what}", failures)
+                count += 1
+    return count
+
+
+def check_dispatch(failures: list[str]) -> int:
+    """``kbit.blockwise.fake_quantize`` on CUDA (kernel path) vs quantize().dequantize()."""
+    specs = ["int4-b64", "float8-b128", "nf4-b64-c", "dynamic8-b256", "quantile4-b64",
+             "int3-bt", "mxfp4", "mxfp8-e5-b32-c", "mxint8", "nvfp4", "nvfp4-b64-c"]  # fmt: skip
+    count = 0
+    for i, s in enumerate(specs):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            x = random_input(5000, dt, 100 + i).view(50, 100)
+            _expect(_same(fake_quantize(x, s), quantize(x, s).dequantize()),
+                    f"dispatch {s} {dt}", failures)  # fmt: skip
+            count += 1
+    return count
+
+
+def check_division(failures: list[str]) -> int:
+    """The block-reciprocal division against div_rn on every pair of each fast domain that a
+    block can hold: any difference must stay within the domain's declared bound."""
+    import numpy as np
+
+    from kbit.kernels import exact, launch
+
+    count = 0
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    for (xdt, sdt), (div, bound) in launch.FAST_DIVISION.items():
+        sv = np.unique(exact.round_to_scale(np.abs(exact.finite_values(names[xdt])), names[sdt]))
+        sv = sv[sv > 0]  # the scales an absmax of the input dtype can round to
+        lim = exact.scale_ceiling(sv, names[sdt])
+        lim = np.minimum(lim, 3.0e38).astype(np.float32)
+        scales = torch.from_numpy(sv).to(DEVICE)
+        bad, biggest = launch.division_mismatches(
+            xdt, scales, div, torch.from_numpy(lim).to(DEVICE)
+        )
+        _expect(bad == 0 or biggest <= bound,
+                f"division {xdt}/{sdt}: {bad} pairs differ, up to |q| = {biggest:g} "
+                f"(bound {bound:g})", failures)  # fmt: skip
+        print(f"division {xdt}/{sdt}: {bad} differing pairs, largest |q| {biggest:g}", flush=True)
+        count += int(sv.size) * 65536
+    return count
+
+
+CHECK_PARTS = ("absmax", "microscaling", "dispatch", "division")
+
+
+def self_check(quick: bool = False, parts: tuple[str, ...] = CHECK_PARTS) -> dict:
+    """The checks in ``parts``; returns counts and the list of failures (empty when everything
+    matched)."""
+    failures: list[str] = []
+    t0 = time.time()
+    runs = {
+        "absmax": lambda: check_absmax(failures, quick),
+        "microscaling": lambda: check_microscaling(failures, quick),
+        "dispatch": lambda: check_dispatch(failures),
+        "division": lambda: check_division(failures),
+    }
+    out = {f"{p}_cases": runs[p]() for p in parts}
+    out.update(failures=failures, seconds=time.time() - t0)
     return out
 
 
+# ----------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
-    lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, medians)", ""]
-    lines.append(f"Copy (read + write): {res['copy_gbs']:.0f} GB/s")
+    lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, medians of do_bench)", ""]
+    lines.append(f"Copy (read + write): {res['copy_gbs']:.0f} GB/s; torch {res['torch']}, "
+                 f"triton {res['triton']}, mode {res['mode']}")  # fmt: skip
     lines.append("")
-    if res.get("note"):
-        lines += [f"Note: {res['note']}", ""]
-    by = {(r["dtype"], r["bits"], r["search"], r["block"]): r for r in res["fake_quantize"]}
-    head = " | ".join(f"B={b}" for b in FQ_BLOCKS)
-    lines.append("fake_quantize_blockwise with the default configuration, GB/s (% of copy):")
+    lines.append(
+        "GB/s counts the bytes an implementation must move: fp16 in and out for fake "
+        "quantization, fp16 in and codes + scales out for quantize (dequantize the "
+        "reverse); NVFP4 also reads the tensor once more for its global absmax."
+    )
     lines.append("")
-    lines.append(f"| type | k | search | {head} | min % |")
-    lines.append("|---|---|---|" + "---|" * (len(FQ_BLOCKS) + 1))
-    for name in FQ_TYPES:
-        for k in FQ_BITS:
-            rs = [r for r in res["fake_quantize"]
-                  if r["dtype"] == name and r["bits"] == k and r["default"]]  # fmt: skip
-            rs.sort(key=lambda r: r["block"])
-            if not rs:  # the default search was not timed (--searches)
-                continue
-            cells = [f"{r['gbs']:.0f} ({r['pct_copy']:.0f}%)" for r in rs]
-            low = min(r["pct_copy"] for r in rs)
-            lines.append(f"| {name} | {k} | {rs[0]['search']} | " + " | ".join(cells)
-                         + f" | {low:.0f}% |")  # fmt: skip
-    lines.append("")
-    lines.append("Every search, % of copy (default marked *):")
-    lines.append("")
-    lines.append(f"| type | k | search | {head} |")
-    lines.append("|---|---|---|" + "---|" * len(FQ_BLOCKS))
-    for name in FQ_TYPES:
-        for k in FQ_BITS:
-            for search in FQ_SEARCHES:
-                rs = [by[(name, k, search, b)] for b in FQ_BLOCKS]
-                mark = "*" if rs[0]["default"] else ""
-                cells = [f"{r['pct_copy']:.0f}%" for r in rs]
-                lines.append(f"| {name} | {k} | {search}{mark} | " + " | ".join(cells) + " |")
-    if res.get("sweep"):
-        lines.append("")
-        lines.append("Launch-parameter sweep, ms:")
-        lines.append("")
-        lines.append("| kernel | case | variant | ms | % of copy |")
-        lines.append("|---|---|---|---|---|")
-        for r in res["sweep"]:
-            skip = ("kernel", "case", "ms", "pct_copy", "error")
-            var = ", ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
-            ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
-            pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
-            lines.append(f"| {r['kernel']} | {r['case']} | {var} | {ms} | {pct} |")
-    check = res.get("bucket_mid_tile_check")
-    if check:
-        lines += ["", f"bucket-mid launch variants, % of copy ({check['note']}):", ""]
-        lines.append("| case | " + " | ".join(check["variants"]) + " |")
-        lines.append("|---|" + "---|" * len(check["variants"]))
-        for case, pcts in check["pct_copy"].items():
-            lines.append(f"| {case} | " + " | ".join(f"{p:.1f}%" for p in pcts) + " |")
-    lines.append("")
-    lines.append("Quantize / dequantize vs bitsandbytes, ms (speedup = bnb time / kbit time):")
-    lines.append("")
-    lines.append("| kind | B | kbit quant | bnb quant | speedup | kbit dequant | bnb dequant | "
-                 "speedup |")  # fmt: skip
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for r in res["vs_bnb"]:
-        bq = r.get("bnb_quant_ms")
-        if bq is None:
-            lines.append(f"| {r['kind']} | {r['block']} | {r['kbit_quant_ms']:.3f} | n/a | | "
-                         f"{r['kbit_dequant_ms']:.3f} | n/a | |")  # fmt: skip
+    chk = res.get("self_check")
+    if chk:
+        verdict = "passed" if not chk["failures"] else f"FAILED ({len(chk['failures'])})"
+        counts = ", ".join(f"{k.removesuffix('_cases')} {v:,}" for k, v in chk.items()
+                           if k.endswith("_cases"))  # fmt: skip
+        lines += [f"GPU self-check {verdict} ({counts}; {chk['seconds']:.0f} s).", ""]
+    rows = [r for r in res["rows"] if "error" not in r]
+    blocks = sorted({r["block"] for r in rows})
+    head = " | ".join(f"B={b}" for b in blocks)
+    for key, title in (("fake", "fake_quantize (read fp16, write fp16)"),
+                       ("quant", "quantize to packed codes + scales"),
+                       ("dequant", "dequantize")):  # fmt: skip
+        if not any(f"{key}_pct" in r for r in rows):
             continue
-        lines.append(
-            f"| {r['kind']} | {r['block']} | {r['kbit_quant_ms']:.3f} | {bq:.3f} | "
-            f"{r['quant_speedup']:.2f}x | {r['kbit_dequant_ms']:.3f} | "
-            f"{r['bnb_dequant_ms']:.3f} | {r['dequant_speedup']:.2f}x |"
-        )
+        lines += [f"{title}, % of copy bandwidth (GB/s in the JSON):", ""]
+        lines.append(f"| type | search | {head} | min |")
+        lines.append("|---|---|" + "---|" * (len(blocks) + 1))
+        for label in dict.fromkeys(r["case"] for r in rows):
+            by = {r["block"]: r for r in rows if r["case"] == label}
+            cells = [f"{by[b][f'{key}_pct']:.0f}%" if b in by else "" for b in blocks]
+            pcts = [by[b][f"{key}_pct"] for b in by]
+            search = next(iter(by.values())).get("pack_search" if key == "quant" else "search", "")
+            lines.append(f"| {label} | {search} | " + " | ".join(cells) + f" | {min(pcts):.0f}% |")
+        lines.append("")
+    errors = [r for r in res["rows"] if "error" in r]
+    if errors:
+        lines += ["Errors:", ""] + [f"- {r['case']} B={r['block']}: {r['error']}" for r in errors]
+        lines.append("")
+    if res.get("variants"):
+        lines += ["Code searches (fake / quantize, % of copy):", ""]
+        vb = sorted({r["block"] for r in res["variants"]})
+        lines.append("| type | search | " + " | ".join(f"B={b}" for b in vb) + " |")
+        lines.append("|---|---|" + "---|" * len(vb))
+        keyed = {}
+        for r in res["variants"]:
+            keyed.setdefault((r["case"], r["search"]), {})[r["block"]] = r
+        for (label, search), by in keyed.items():
+            cells = [(f"{by[b]['fake_pct']:.0f} / {by[b]['quant_pct']:.0f}"
+                      if b in by and "fake_pct" in by[b] else "err") for b in vb]  # fmt: skip
+            lines.append(f"| {label} | {search} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res.get("vs_bnb"):
+        lines += ["kbit vs bitsandbytes, ms (speedup = bnb time / kbit time):", ""]
+        lines.append("| kind | B | kbit quant | bnb quant | speedup | kbit dequant | bnb dequant "
+                     "| speedup |")  # fmt: skip
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in res["vs_bnb"]:
+            if "error" in r:
+                lines.append(f"| {r['kind']} | {r['block']} | error: {r['error'][:60]} |||||| ")
+                continue
+            lines.append(f"| {r['kind']} | {r['block']} | {r['kbit_quant_ms']:.3f} | "
+                         f"{r['bnb_quant_ms']:.3f} | {r['quant_speedup']:.2f}x | "
+                         f"{r['kbit_dequant_ms']:.3f} | {r['bnb_dequant_ms']:.3f} | "
+                         f"{r['dequant_speedup']:.2f}x |")  # fmt: skip
+        lines.append("")
+    elif res.get("bitsandbytes") is None:
+        lines += ["bitsandbytes was not importable: no comparison.", ""]
     return "\n".join(lines) + "\n"
+
+
+def slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="directory for quant_*.json/.md")
-    ap.add_argument("--numel", type=int, default=1 << 28, help="values in the test tensor")
-    ap.add_argument("--sweep", action="store_true", help="also time launch-parameter variants")
-    ap.add_argument("--bits", default=None, help="fake-quantize rows for these k only (3,4,8)")
-    ap.add_argument("--searches", default=None, help="code searches to time (comma list)")
-    ap.add_argument("--no-bnb", action="store_true", help="skip quantize/dequantize vs bnb")
+    ap.add_argument("--out", type=Path, required=True, help="directory for quant_<gpu>.json/.md")
+    ap.add_argument("--quick", action="store_true", help="B in 64/1024 only, short timing, no "
+                    "dequantize column, a smaller self-check (about 2 minutes)")  # fmt: skip
+    ap.add_argument("--check", action="store_true", help="GPU self-check first; stop on mismatch")
+    ap.add_argument("--check-only", action="store_true", help="only the GPU self-check")
+    ap.add_argument("--check-parts", default=",".join(CHECK_PARTS),
+                    help=f"comma list of self-check parts ({', '.join(CHECK_PARTS)})")  # fmt: skip
+    ap.add_argument("--variants", action="store_true", help="also time every code search")
+    ap.add_argument("--variant-blocks", default="64,1024", help="block sizes for --variants")
+    ap.add_argument("--numel", type=int, default=None, help="values in the test tensor")
+    ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes comparison")
+    ap.add_argument("--families", default=None, help="comma list of int,float,nf,dynamic,"
+                    "quantile,mx (default: all)")  # fmt: skip
+    ap.add_argument("--bits", default=None, help="comma list of k for the absmax families")
+    ap.add_argument("--blocks", default=None, help="comma list of block sizes")
     args = ap.parse_args(argv)
-    global FQ_BITS, FQ_SEARCHES
-    if args.bits:
-        FQ_BITS = tuple(int(b) for b in args.bits.split(","))
-    if args.searches:
-        FQ_SEARCHES = tuple(args.searches.split(","))
     if not torch.cuda.is_available():
         print("bench_quant needs a CUDA device", file=sys.stderr)
         return 2
     import triton
 
-    bnb, bnbf = _load_bnb()
-    torch.manual_seed(0)
-    x = torch.randn(args.numel, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(x)
-    copy_ms = _bench(lambda: dst.copy_(x))
-    copy_gbs = _gbs(4 * x.numel(), copy_ms)
-    dst = None
-    print(f"copy: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s", flush=True)
     t0 = time.time()
     res: dict = dict(
         device=torch.cuda.get_device_name(),
-        numel=x.numel(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
         triton=triton.__version__,
-        bitsandbytes=getattr(bnb, "__version__", None),
         python=platform.python_version(),
         config=asdict(DEFAULT_CONFIG),
-        copy_ms=copy_ms,
-        copy_gbs=copy_gbs,
+        mode="quick" if args.quick else "full",
     )
-    res["self_check"] = self_check(x)
-    print(f"self check: {res['self_check']}", flush=True)
-    if args.sweep:
-        res["sweep"] = sweep(x, copy_gbs)
-    res["fake_quantize"] = bench_fake_quantize(x, copy_gbs)
-    res["vs_bnb"], res["bnb_agreement"] = ([], {}) if args.no_bnb else bench_vs_bnb(x, bnbf)
+    if args.check or args.check_only:
+        parts = tuple(args.check_parts.split(","))
+        res["self_check"] = chk = self_check(args.quick, parts)
+        print(f"self-check: {len(chk['failures'])} failures, {chk['seconds']:.0f} s", flush=True)
+        if chk["failures"]:
+            print("\n".join(chk["failures"][:50]), file=sys.stderr)
+            write_json(res, args.out / f"check_{slug(res['device'])}.json")
+            return 1
+        if args.check_only:
+            write_json(res, args.out / f"check_{slug(res['device'])}.json")
+            return 0
+    fams = tuple(args.families.split(",")) if args.families else (*FAMILIES, "mx")
+    bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else BITS
+    blocks = tuple(int(b) for b in args.blocks.split(",")) if args.blocks else (
+        QUICK_BLOCKS if args.quick else BLOCKS)  # fmt: skip
+    numel = args.numel or 1 << 28  # smaller tensors under-report: launch and tail costs
+    reps = (60, 60) if args.quick else (100, 200)
+    torch.manual_seed(0)
+    x = torch.randn(numel, device=DEVICE, dtype=torch.float16)
+    dst = torch.empty_like(x)
+    res["copy_ms"] = copy_ms = _bench(partial(dst.copy_, x), 25, 200)
+    res["copy_gbs"] = copy_gbs = _gbs(4 * numel, copy_ms)
+    res["numel"] = numel
+    del dst
+    print(f"copy: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s", flush=True)
+    res["rows"] = bench_rows(x, cases(fams, bits), blocks, copy_gbs, reps, not args.quick)
+    if args.variants:
+        vblocks = tuple(int(b) for b in args.variant_blocks.split(","))
+        res["variants"] = variants(x, copy_gbs, vblocks, reps)
+    bnb, bnbf = (None, None) if args.no_bnb else _load_bnb()
+    res["bitsandbytes"] = getattr(bnb, "__version__", None)
+    if bnbf is not None:
+        res["vs_bnb"] = bench_vs_bnb(x, bnbf, reps)
     res["seconds"] = time.time() - t0
-    slug = re.sub(r"[^a-z0-9]+", "_", res["device"].lower()).strip("_")
-    _write_atomic(args.out / f"quant_{slug}.json", json.dumps(res, indent=1) + "\n")
+    name = slug(res["device"])
+    write_json(res, args.out / f"quant_{name}.json")
     md = markdown(res)
-    _write_atomic(args.out / f"quant_{slug}.md", md)
-    print(json.dumps(res["bnb_agreement"]), flush=True)
+    write_text(md, args.out / f"quant_{name}.md")
     print(md, flush=True)
     return 0
 

@@ -313,6 +313,46 @@ def measure_quant_features(
     return quant_features(rows, spec)
 
 
+def spec_feature_rows(
+    model: nn.Module,
+    quants: Sequence[str],
+    options: Mapping[str, Any] | None = None,
+    *,
+    artifacts: Mapping[str, str | Path] | None = None,
+    assignments: Mapping[str, str | Path] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`quant_features` of every quantized spec of one model, for the workflow.
+
+    A spec with an artifact (GPTQ, or a large model's) is read from its kbit.json; a mixed spec
+    applies its assignment; a round-to-nearest spec quantizes the loaded weights; the weights
+    are restored after each. The 16-bit baseline has no quantized tensors and no row.
+    """
+    from kbit.model_quant import WeightSnapshot
+
+    artifacts, assignments = dict(artifacts or {}), dict(assignments or {})
+    select = dict(options or {})
+    out = []
+    snapshot = WeightSnapshot(model)
+    for q in quants:
+        spec = QuantSpec.parse(q)
+        if spec.is_baseline:
+            continue
+        if q in artifacts:
+            row = read_quant_features(artifacts[q])
+        elif spec.is_mixed:
+            from kbit.mixed import Assignment, apply_assignment
+
+            snapshot.restore(model)
+            rows = apply_assignment(model, spec, Assignment.read(assignments[q]), **select)
+            row = quant_features(rows, spec)
+        else:
+            snapshot.restore(model)
+            row = measure_quant_features(model, spec, **select)
+        out.append({"quant": spec.id, **row})
+    snapshot.restore(model)
+    return out
+
+
 # ----------------------------------------------------------------------------- calibration loss
 def calibration_tokens(ids: Sequence[int] | torch.Tensor, n_seq: int, seq_len: int) -> torch.Tensor:
     """The first ``n_seq`` consecutive chunks of ``seq_len`` tokens of a token stream (int64)."""

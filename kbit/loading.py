@@ -405,6 +405,15 @@ def plan_device_map(
             other_bytes += _module_bytes(part, seen)
         elif isinstance(part, torch.Tensor):
             other_bytes += _tensor_bytes([part], seen)
+    owned = set(seen)
+    for b in blocks:  # a weight shared across units would have to live on two devices
+        ids = {
+            id(t) for t in (*model.get_submodule(b).parameters(), *model.get_submodule(b).buffers())
+        }
+        if ids & owned:
+            raise ModelLoadError(f"{b} shares weights with another part of the model, so the "
+                                 "model cannot be split into whole blocks across GPUs")  # fmt: skip
+        owned |= ids
     sizes = [weight_copies * _module_bytes(model.get_submodule(b), seen) for b in blocks]
     fixed = [reserve[0] + weight_copies * other_bytes, *reserve[1:]]
     counts = _partition(sizes, fixed)

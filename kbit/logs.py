@@ -7,7 +7,8 @@ fails, the traceback, with the log rewritten so that its first line is the one t
 
 Jobs also watch the workflow process that started them: if it is killed (SIGKILL leaves its
 children running, re-parented to init), the job stops too, so that no job keeps writing results
-that the next run of the workflow would race with.
+that the next run of the workflow would race with. A GPU job first claims its own GPUs
+(:mod:`kbit.devices`), so that jobs running side by side on one machine never share a device.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def advice(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted: run the same command again to resume"
     if name in ("ModelLoadError", "ModelSourceError", "ConfigError", "DataFileError",
-                "DataFormatError", "ArtifactError", "EvaluationFitError"):  # fmt: skip
+                "DataFormatError", "ArtifactError", "GpuSlotError", "CalibrationError",
+                "MethodInputError", "GPTQError"):  # fmt: skip
         return text  # these messages already say what to do
     return f"{name}: {text} (the traceback below says where; fix the cause and rerun)"
 
@@ -133,6 +135,9 @@ def job(smk: Any, *, watch: bool = True) -> Iterator[logging.Logger]:
     if watch:
         watch_parent(log)
     try:
+        from kbit.devices import claim_for_job
+
+        claim_for_job(smk, log)  # this job's own GPUs, before anything starts CUDA
         yield log
     except BaseException as err:
         log.error("job failed:\n%s", "".join(traceback.format_exception(err)))

@@ -211,8 +211,9 @@ class Study:
         return [s.id for s in self.specs if s.is_mixed]
 
     def token_settings(self, purpose: str) -> dict[str, Any]:
-        """Corpus and window settings of a token file: ``gptq`` (quant.calibration) or
-        ``mixed`` (the same corpus, quant.mixed.scoring's budget, another seed)."""
+        """Corpus and window settings of a token file: ``gptq`` (quant.calibration), ``mixed``
+        (the same corpus, quant.mixed.scoring's budget, another seed) or ``landscape``
+        (predict.landscape's budget)."""
         cal = dict(self.config["quant"]["calibration"])
         if purpose == "gptq":
             return cal
@@ -224,7 +225,36 @@ class Study:
                 "seq_len": scoring.get("seq_len", 512),
                 "seed": cal["seed"] + 1,
             }
-        raise ValueError(f"token purpose {purpose!r}: allowed are 'gptq', 'mixed'")
+        if purpose == "landscape":
+            land = self.config["predict"]["landscape"]
+            return {
+                "corpus": cal["corpus"],
+                "n_samples": land["n_samples"],
+                "seq_len": land["seq_len"],
+                "seed": cal["seed"] + 2,
+            }
+        raise ValueError(f"token purpose {purpose!r}: allowed are 'gptq', 'mixed', 'landscape'")
+
+    @property
+    def extra_targets(self) -> list[str]:
+        """Outputs of the optional systems the study asks for (predictor, mixed analysis)."""
+        out = []
+        if self.config["predict"]["enabled"]:
+            out.append(f"{self.results}/predict/summary.md")
+        if self.mixed_quants:
+            out.append(f"{self.results}/mixed/claims.md")
+        return out
+
+    @property
+    def model_table(self) -> dict[str, list]:
+        """Per model: family, parameters (as configured) and training tokens (NaN if unknown),
+        columns for the predictors' table."""
+        keys = list(self.models)
+        return {
+            "model": keys,
+            "family": [self.models[k]["family"] for k in keys],
+            "train_tokens": [float(self.models[k].get("train_tokens", "nan")) for k in keys],
+        }
 
     def eval_settings(self, model: str | None = None) -> EvalSettings:
         """The ``eval`` section, with ``model``'s own ``max_length`` where its entry sets one."""
@@ -399,6 +429,7 @@ def _lm_eval_task_names() -> set[str]:
 
 def _task_problems(study: Study) -> list[str]:
     from kbit.evaluation.convert import TASK_FILES
+    from kbit.evaluation.windows import WINDOW_TASKS
 
     cfg = study.config
     out = []
@@ -417,6 +448,12 @@ def _task_problems(study: Study) -> list[str]:
                     f"tasks: {task} needs {', '.join(missing)} under data_dir {data_dir}; add the "
                     "file(s), or remove the task"
                 )
+        elif task in WINDOW_TASKS:
+            if data_dir is None:
+                continue  # read from the hub's wikitext-2-raw-v1
+            missing = [r for r in WINDOW_TASKS[task] if not (Path(data_dir) / r).is_file()]
+            if missing:
+                out.append(f"tasks: {task} needs {', '.join(missing)} under data_dir {data_dir}")
         elif task not in cfg.get("corpora", {}):
             unknown.append(task)
     if unknown:
@@ -427,8 +464,9 @@ def _task_problems(study: Study) -> list[str]:
 
                 close = difflib.get_close_matches(task, sorted(set(TASK_FILES) | known), n=3)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                local = ", ".join([*TASK_FILES, *WINDOW_TASKS])
                 out.append(
-                    f"tasks: {task!r} is neither a local task ({', '.join(TASK_FILES)}), a corpus, "
+                    f"tasks: {task!r} is neither a local task ({local}), a corpus, "
                     f"nor an lm-eval task{hint}"
                 )
     for name, corpus in cfg.get("corpora", {}).items():
@@ -489,15 +527,83 @@ def _lock_problems(study: Study) -> list[str]:
     return out
 
 
-def check_inputs(study: Study) -> None:
+#: offline routes, named by every message about an unreachable hub
+OFFLINE_HELP = (
+    "offline options: download on a machine with internet first (`snakemake --until download`, "
+    "then HF_HUB_OFFLINE=1), point model entries at local files (`path:` a safetensors folder, "
+    "`gguf:` a GGUF file) and the tasks at the original files (`data_dir:`); README, 'Offline'"
+)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(hf_id: str, revision: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hf_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def _network_problems(study: Study) -> list[str]:
+    """What needs the hub but cannot reach it: undownloaded hub models, hub task data."""
+    missing = [
+        m
+        for m, e in study.models.items()
+        if "hf_id" in e and not (Path(study.model_dir(m)) / "config.json").is_file()
+    ]
+    hub_tasks = study.config.get("data_dir") is None and not _flag("HF_DATASETS_OFFLINE")
+    if not missing and not hub_tasks:
+        return []
+    if _flag("HF_HUB_OFFLINE"):
+        absent = [
+            m
+            for m in missing
+            if not _in_hub_cache(study.models[m]["hf_id"], study.models[m]["revision"])
+        ]
+        if absent:
+            return [
+                f"HF_HUB_OFFLINE is set and {', '.join(absent)} are neither downloaded nor in "
+                f"the hub cache; {OFFLINE_HELP}"
+            ]
+        return []
+    if _hub_reachable():
+        return []
+    needs = []
+    if missing:
+        needs.append(f"{len(missing)} models to download ({', '.join(missing[:3])}...)")
+    if hub_tasks:
+        needs.append("the task data (data_dir is null)")
+    return [f"the Hugging Face hub is unreachable, and the study needs {' and '.join(needs)}; "
+            f"{OFFLINE_HELP}"]  # fmt: skip
+
+
+def check_inputs(study: Study, network: bool = False) -> None:
     """Everything checkable before the first job: task names (local, corpus or lm-eval's
-    registry), the data file of every task, every model ``path`` / ``gguf`` / tokenizer.
-    Raises one :class:`ConfigError` listing every problem."""
+    registry), the data file of every task, every model ``path`` / ``gguf`` / tokenizer, the
+    calibration corpus, the lock file and, with ``network``, whether what needs the hub can
+    reach it. Raises one :class:`ConfigError` listing every problem."""
     problems = (
         _model_problems(study)
         + _task_problems(study)
         + _calibration_problems(study)
         + _lock_problems(study)
     )
+    if network and not problems:
+        problems = _network_problems(study)
     if problems:
         raise ConfigError("the study cannot run:\n  " + "\n  ".join(problems))

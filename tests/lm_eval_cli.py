@@ -18,14 +18,18 @@ def run_lm_eval_cli(
     batch_size: int,
     dtype: str = "float32",
     softmax_dtype: str = "auto",
+    max_length: int | None = None,
 ) -> tuple[dict, dict[str, list[dict]]]:
     """``python -m lm_eval --model hf ...`` offline on the CPU; (results, samples per task).
 
-    ``softmax_dtype`` as the workflow's ``eval.softmax_dtype``: ``auto`` leaves HFLM's default.
+    ``softmax_dtype`` as the workflow's ``eval.softmax_dtype``: ``auto`` leaves HFLM's default;
+    ``max_length`` as ``eval.max_length`` (None: HFLM's own choice).
     """
     model_args = f"pretrained={model_dir},dtype={dtype}"
     if softmax_dtype != "auto":
         model_args += f",softmax_dtype={softmax_dtype}"
+    if max_length is not None:
+        model_args += f",max_length={max_length}"
     cmd = [
         sys.executable, "-m", "lm_eval",
         "--model", "hf",

@@ -60,27 +60,38 @@ def _cli_lls(sample: dict) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    ("arch", "dtype", "softmax_dtype"),
+    ("arch", "dtype", "softmax_dtype", "max_length", "fast"),
     [
-        ("gpt_neox", "float32", "auto"),
-        ("opt", "float32", "auto"),
-        ("gpt_neox", "bfloat16", "float32"),
+        ("gpt_neox", "float32", "auto", None, True),
+        ("opt", "float32", "auto", None, True),
+        ("gpt_neox", "bfloat16", "float32", None, True),
+        # a context window below the model's (WikiText's rolling windows change) on both paths
+        ("gpt_neox", "float32", "float32", 160, True),
+        ("opt", "float32", "float32", 160, False),
     ],
 )
 def test_runner_equals_lm_eval_cli(
-    arch: str, dtype: str, softmax_dtype: str, tmp_path: Path
+    arch: str,
+    dtype: str,
+    softmax_dtype: str,
+    max_length: int | None,
+    fast: bool,
+    tmp_path: Path,
 ) -> None:
-    """Also a 16-bit model with the log-softmax in float32 (the workflow's default), both sides."""
+    """Also a 16-bit model with the log-softmax in float32 (the workflow's default), a set
+    ``max_length`` (lm-eval's model argument), and the plain (HFLM's own) scoring path."""
     data = _data_dir(tmp_path)
     include = prepare_tasks(TASKS, data, tmp_path / "tasks")
     model_dir = tiny_model_dir(arch, tmp_path)
     cli_results, cli_samples = run_lm_eval_cli(
-        model_dir, include, tmp_path / "cli", TASKS, LIMIT, BATCH, dtype, softmax_dtype
-    )
+        model_dir, include, tmp_path / "cli", TASKS, LIMIT, BATCH, dtype, softmax_dtype,
+        max_length=max_length,
+    )  # fmt: skip
 
     task_dict = build_task_dict(TASKS, data, tmp_path / "tasks")
     model, tok = load_model(model_dir, dtype=dtype, device="cpu")
-    lm = make_lm(model, tok, BATCH, softmax_dtype)
+    lm = make_lm(model, tok, BATCH, softmax_dtype, max_length=max_length, fast=fast)
+    assert lm.max_length == (max_length or lm.max_length)
     assert lm.softmax_dtype == (torch.float32 if softmax_dtype == "float32" else None)
     ours = evaluate_tasks(lm, task_dict, limit=LIMIT, together=True)
 

@@ -50,6 +50,7 @@ pytestmark = [
 
 def _study(tmp: Path, results: str) -> Path:
     config = _smoke_config(tmp)
+    # tiny-neox-m is evaluated one job per spec (grouped with its quantization), tiny-opt-s batched
     config["models"] = {m: config["models"][m] for m in ("tiny-neox-m", "tiny-opt-s")}
     config["tasks"] = ["piqa", "wikitext"]
     config["eval"].update(limit=6, task_limits={"wikitext": 1})
@@ -78,6 +79,8 @@ def test_slurm_profile_runs_the_chain_and_equals_a_local_run(tmp_path: Path) -> 
         "--default-resources", *resources, "mem_mb=2048", "runtime=20", "cpus_per_task=1",
     )  # fmt: skip
     assert "SLURM" in log or "sbatch" in log.lower() or "external jobid" in log.lower()
+    # the two (quantize, evaluate) chains of tiny-neox-m's quantized specs go in one group job
+    assert "group job" in log.lower() or "rule group" in log.lower(), log[-3000:]
     _run(tmp_path, _study(tmp_path, "local"), "--cores", "2")
     slurm, local = tmp_path / "slurm", tmp_path / "local"
     assert (slurm / "figures.md").is_file() and (slurm / "claims.md").is_file()

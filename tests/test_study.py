@@ -124,3 +124,47 @@ def test_config_readme_documents_every_top_level_key():
     readme = (ROOT / "config" / "README.md").read_text()
     for key in schema["properties"]:
         assert f"`{key}`" in readme, key
+
+
+def test_list_errors_name_the_element_and_sources_are_worded_for_a_person():
+    cfg = minimal()
+    cfg["quant"]["sweeps"]["p"]["bits"] = [4, 9]
+    with pytest.raises(ConfigError) as info:
+        build_study(cfg)
+    assert "'quant.sweeps.p.bits.1': 9 is greater than the maximum of 8" in str(info.value)
+    cfg = minimal()
+    cfg["models"]["m"]["path"] = "/x"
+    with pytest.raises(ConfigError) as info:
+        build_study(cfg)
+    msg = str(info.value)
+    assert "models.m': it gives both 'hf_id' and 'path'" in msg and "exactly one source" in msg
+    assert "valid under" not in msg  # no schema jargon
+
+
+def test_inputs_are_checked_before_any_job(tmp_path):
+    from kbit.study import check_inputs
+
+    tok = tmp_path / "tok.json"
+    tok.write_text("{}")
+    cfg = {
+        "models": {
+            "a": {"path": str(tmp_path / "missing"), "family": "f"},
+            "b": {"gguf": str(tmp_path / "x.gguf"), "family": "f"},
+            "c": {"tiny": {"arch": "opt", "tokenizer": str(tmp_path / "typo.json")}, "family": "f"},
+            "d": {"tiny": {"arch": "opt", "tokenizer": str(tok)}, "family": "f"},
+        },
+        "tasks": ["piqa", "piqaa", "wikitext"],
+        "data_dir": str(tmp_path / "data"),
+        "quant": {"specs": ["int4-b64-gptq"], "calibration": {"corpus": "task:wikitext"}},
+    }
+    (tmp_path / "data" / "wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw").write_text("x\n")
+    with pytest.raises(ConfigError) as info:
+        check_inputs(build_study(cfg))
+    msg = str(info.value)
+    assert f"models.a.path: {tmp_path / 'missing'} does not exist" in msg
+    assert "models.b.gguf" in msg and "does not exist" in msg
+    assert "models.c.tiny.tokenizer" in msg and "models.d" not in msg
+    assert "'piqaa' is neither a local task" in msg and "did you mean piqa" in msg
+    assert "piqa needs piqa/valid.jsonl" in msg
+    assert "calibrating on the documents that are scored" in msg

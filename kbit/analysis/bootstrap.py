@@ -32,6 +32,7 @@ DOC_COLUMNS = (
     "acc_norm",
     "n_words",
     "n_bytes",
+    "n_tokens",
 )
 ALPHA = 0.05
 
@@ -95,6 +96,9 @@ def task_replicates(
         out["word_perplexity"] = np.exp(-_ratio(c, ll, words))
         out["byte_perplexity"] = np.exp(-_ratio(c, ll, nbytes))
         out["bits_per_byte"] = -_ratio(c, ll, nbytes) / math.log(2)
+    elif otype == "perplexity_windows":  # GPTQ-convention windows, each a document
+        ll = matrix(first_ll)
+        out["perplexity"] = np.exp(-_ratio(c, ll, matrix(g["n_tokens"])))
     else:
         raise ValueError(f"task output_type {otype!r} cannot be bootstrapped")
     return runs, out

@@ -65,6 +65,8 @@ def curve_targets(scores: pd.DataFrame) -> list[str]:
     rolling = scores[scores["output_type"] == "loglikelihood_rolling"]
     for metric in ("word_perplexity", "bits_per_byte"):
         out += sorted(set(rolling.loc[rolling["metric"] == metric, "target"]))
+    windows = scores[scores["output_type"] == "perplexity_windows"]
+    out += sorted(set(windows.loc[windows["metric"] == "perplexity", "target"]))
     return out
 
 
@@ -152,8 +154,9 @@ def build_curves(scores: pd.DataFrame, targets: Sequence[str] | None = None) -> 
     rows = scores[scores["target"].isin(targets)].copy()
     if "diverged" in rows:  # reported in the tables and claims, never part of a curve
         rows = rows[~rows["diverged"].fillna(False).astype(bool)]
-    if rows.empty:
-        return pd.DataFrame(columns=[*CURVE_COLUMNS, "main_sweep"])
+    if rows.empty:  # typed, so boolean masks on it select rows, not columns
+        empty = pd.DataFrame(columns=[*CURVE_COLUMNS, "main_sweep"])
+        return empty.astype({"main_sweep": bool, "lower_is_better": bool, "value": float})
     parts = []
     for _fam, g in rows.groupby("family", sort=True):
         main = set(main_sweep_quants(g))

@@ -2,14 +2,23 @@
 
 Every figure selects its curves by spec fields (e.g. block sizes: 4-bit curves equal in every
 field but ``block_size``), never by names. A figure whose data the run did not produce is not
-drawn: it is listed in ``SKIPPED.md`` with the data it needs. Each figure is written as PNG and
-PDF; ``index.md`` lists every figure with its caption.
+drawn: it is listed in ``SKIPPED.md`` (and ``SKIPPED.html``) with the data it needs. Each
+figure is written as PNG and PDF; ``index.md`` lists every figure with its caption.
+
+Readability rules every figure follows: the bits axis is labelled in bytes (total bits / 8) at
+readable sizes (``64 MiB``, ``1 GiB``), never at fractional powers of two; perplexity axes carry
+plain numbers; legends sit outside the axes, so they never hide points or error bars; each
+precision has one colour, marker and line style everywhere (:mod:`kbit.analysis.style`).
+A diverged run (flagged ``diverged`` in the scores, or a value that is not finite) is never
+part of a curve: it is drawn as an unconnected cross at its total bits, at its measured value
+or, when that is not finite, at the axis edge.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,13 +35,26 @@ from kbit.analysis.curves import (
     perplexity_target,
     variation_groups,
 )
+from kbit.analysis.tables import lower_is_better
 from kbit.io import atomic_write, write_text
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure as MplFigure
 
 LAW_TABLES = ("curves", "fits", "optimal", "bootstrap")
-X_LABEL = "total model bits (log2 scale)"
+X_LABEL = "model size: total bits / 8 (log scale)"
+DIVERGED_LABEL = "diverged run (in no curve)"
+#: binary byte units for the size axis
+BYTE_UNITS = ((2.0**40, "TiB"), (2.0**30, "GiB"), (2.0**20, "MiB"), (2.0**10, "KiB"), (1.0, "B"))
+#: the perplexity a divergence is described by, first found of these
+PERPLEXITY_SHOWN = ("word_perplexity", "perplexity", "byte_perplexity")
+#: spec fields as words, for titles
+FIELD_NAMES = {"dtype": "data type", "block_size": "block size", "exponent_bits": "exponent bits"}
+#: round numbers for ticks of a narrow size axis, coarsest first (times powers of ten)
+NICE_SERIES = ((1, 2, 5), (1, 2, 3, 4, 5, 6, 8), (1, 2, 3, 4, 5, 6, 7, 8, 9))
+#: at most this many labelled ticks on a size axis
+MAX_SIZE_TICKS = 6
 
 
 class Skip(Exception):
@@ -62,6 +84,146 @@ def load_laws(laws: Mapping[str, pd.DataFrame] | str | Path | None) -> dict[str,
     }
 
 
+# ----------------------------------------------------------------------------- diverged runs
+def diverged_runs(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per diverged (model, quant) run: flagged ``diverged`` or with a non-finite value.
+
+    Columns: family, model, n_params, quant, bits, precision (16 for the baseline), reason.
+    A diverged run is a result (the quantized model broke down), so it is listed, never averaged.
+    """
+    cols = ["family", "model", "n_params", "quant", "bits", "precision", "reason"]
+    if scores is None or scores.empty:
+        return pd.DataFrame(columns=cols)
+    values = pd.to_numeric(scores["value"], errors="coerce").to_numpy(float)
+    flagged = (
+        scores["diverged"].fillna(False).astype(bool).to_numpy()
+        if "diverged" in scores
+        else np.zeros(len(scores), dtype=bool)
+    )
+    bad = scores.assign(_flag=flagged, _nonfinite=~np.isfinite(values))
+    bad = bad[bad["_flag"] | bad["_nonfinite"]]
+    rows = []
+    for (model, quant), g in bad.groupby(["model", "quant"], sort=True):
+        first = g.iloc[0]
+        bits = first.get("bits", np.nan)
+        rows.append(
+            {
+                "family": first.get("family"),
+                "model": model,
+                "n_params": first.get("n_params", np.nan),
+                "quant": quant,
+                "bits": bits,
+                "precision": 16 if first.get("dtype") == "fp16" else bits,
+                "reason": _divergence_reason(g),
+            }
+        )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _divergence_reason(g: pd.DataFrame) -> str:
+    """Which tasks diverged and how, compactly: documents with non-finite log-likelihoods,
+    the task's perplexity, or "values not finite"."""
+    tasks = g[g["task"] != "mean_zeroshot"] if "task" in g else g.iloc[:0]
+    if tasks.empty:
+        return "diverged: " + ", ".join(sorted(map(str, g["target"].unique())))
+    parts = []
+    for task, t in tasks.groupby("task", sort=True):
+        what = []
+        n_bad = int(t["n_nonfinite"].max()) if "n_nonfinite" in t else 0
+        if n_bad > 0:
+            what.append(f"{n_bad} documents with non-finite log-likelihoods")
+        values = dict(zip(t["metric"], pd.to_numeric(t["value"], errors="coerce"), strict=True))
+        ppl = next((m for m in PERPLEXITY_SHOWN if m in values), None)
+        if ppl is not None:
+            what.append(f"{ppl} {values[ppl]:.3g}")
+        elif not all(np.isfinite(v) for v in values.values()):
+            what.append("values not finite")
+        parts.append(f"{task}" + (f" ({', '.join(what)})" if what else ""))
+    return "diverged: " + "; ".join(parts)
+
+
+def with_diverged_points(curves: pd.DataFrame, scores: pd.DataFrame | None) -> pd.DataFrame:
+    """``curves`` with a bool column ``diverged`` and a row for each diverged run's point of the
+    curves' targets (the fit step leaves those out), placed in the main sweep when the run's
+    spec matches the family's main sweep. Values of diverged points are as measured."""
+    curves = mark_diverged(curves, scores)
+    runs = diverged_runs(scores) if scores is not None else pd.DataFrame()
+    if curves.empty or runs.empty:
+        return curves
+    keys = set(zip(runs["model"], runs["quant"], strict=True))
+    s = scores[scores["target"].isin(set(curves["target"]))]
+    s = s[[(m, q) in keys for m, q in zip(s["model"], s["quant"], strict=True)]]
+    have = set(zip(curves["model"], curves["quant"], curves["target"], strict=True))
+    s = s[[k not in have for k in zip(s["model"], s["quant"], s["target"], strict=True)]]
+    if s.empty:
+        return curves
+    add = s[[c for c in curves.columns if c in s.columns]].copy()
+    add["log2_bits"] = np.log2(add["total_bits"].astype(float))
+    add["precision"] = np.where(add["dtype"] == "fp16", 16, add["bits"]).astype(int)
+    add["lower_is_better"] = add["target"].map(lower_is_better)
+    add["main_sweep"] = [_in_main_sweep(curves, r) for r in add.to_dict("records")]
+    add["diverged"] = True
+    return pd.concat([curves, add], ignore_index=True)
+
+
+def _in_main_sweep(curves: pd.DataFrame, row: Mapping) -> bool:
+    """Whether a point's quant is, or matches the spec fields of, the family's main sweep."""
+    from kbit.analysis.curves import SWEEP_FIXED
+
+    fam = curves[(curves["family"] == row["family"]) & (curves["target"] == row["target"])]
+    main = fam[fam["main_sweep"].astype(bool)]
+    if row["quant"] in set(main["quant"]):
+        return True
+    if main.empty or row.get("dtype") == "fp16":
+        return row.get("dtype") == "fp16" and not main.empty
+    ref = main[main["dtype"] != "fp16"]
+    if ref.empty:
+        return False
+    r0 = ref.iloc[0]
+    same = [
+        (pd.isna(r0[f]) and pd.isna(row.get(f))) or r0[f] == row.get(f)
+        for f in SWEEP_FIXED
+        if f in ref.columns
+    ]
+    return all(same) and int(row["bits"]) not in set(ref["bits"].astype(int))
+
+
+def mark_diverged(points: pd.DataFrame, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``points`` with a bool column ``diverged``: the run diverged (see :func:`diverged_runs`)
+    or this point's value is not finite."""
+    if points.empty:
+        return points.assign(diverged=pd.Series(dtype=bool))
+    values = pd.to_numeric(points["value"], errors="coerce").to_numpy(float)
+    out = ~np.isfinite(values)
+    if "diverged" in points:
+        out |= points["diverged"].fillna(False).astype(bool).to_numpy()
+    if scores is not None and not scores.empty:
+        runs = diverged_runs(scores)
+        keys = set(zip(runs["model"], runs["quant"], strict=True))
+        out |= np.array(
+            [(m, q) in keys for m, q in zip(points["model"], points["quant"], strict=True)],
+            dtype=bool,
+        )
+    return points.assign(diverged=out)
+
+
+def complete_spec_fields(curves: pd.DataFrame) -> pd.DataFrame:
+    """``curves`` with every spec field of :data:`kbit.analysis.curves.SPEC_FIELDS` as a
+    column: a table written before a field existed gets it as missing (the field's "unset")."""
+    from kbit.analysis.curves import SPEC_FIELDS
+
+    missing = [f for f in SPEC_FIELDS if f not in curves.columns]
+    return curves.assign(**dict.fromkeys(missing)) if missing else curves
+
+
+def describe_run(row: Mapping) -> str:
+    """``3-bit pythia-1.4b (float3-e2-b64)``: a run named for a reader."""
+    p = row.get("precision", row.get("bits"))
+    prec = "16-bit" if row.get("quant") == "fp16" else f"{int(p)}-bit" if pd.notna(p) else ""
+    return f"{prec} {row['model']} ({row['quant']})".strip()
+
+
+# ----------------------------------------------------------------------------- axes
 def y_label(target: str) -> str:
     """Axis label with units for a target."""
     task, metric = target.split(":", 1)
@@ -73,8 +235,150 @@ def y_label(target: str) -> str:
         "byte_perplexity": "byte perplexity",
         "perplexity": "perplexity",
     }
-    corpus = {"wikitext": "WikiText-2"}.get(task, task)
+    corpus = {"wikitext": "WikiText-2", "wikitext2_gptq": "WikiText-2 (GPTQ protocol)"}.get(
+        task, task
+    )
     return f"{corpus} {names.get(metric, metric)} (lower is better)"
+
+
+def format_bytes(n_bytes: float) -> str:
+    """``64 MiB``, ``1.5 GiB``: a size in binary units with at most three significant digits."""
+    for scale, unit in BYTE_UNITS:
+        if n_bytes >= scale or unit == "B":
+            return f"{n_bytes / scale:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
+def size_ticks(lo_bits: float, hi_bits: float) -> tuple[np.ndarray, np.ndarray]:
+    """Major and minor tick positions (in bits) for a size axis spanning ``[lo, hi]`` bits.
+
+    Majors sit at whole powers of two bytes, thinned to at most ``MAX_SIZE_TICKS`` (the rest
+    become minor ticks). A range holding fewer than three powers of two gets round sizes
+    instead (``4 MiB, 5 MiB, 6 MiB``; ``800 MiB, 1 GiB, 2 GiB``): whole numbers of a unit from
+    the coarsest of the series 1-2-5, 1-2-3-4-5-6-8 and 1..9 (times 1, 10, 100) that gives
+    three ticks; the powers of two inside stay as minor ticks.
+    """
+    lo, hi = math.log2(lo_bits / 8), math.log2(hi_bits / 8)
+    whole = np.arange(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)
+    if len(whole) >= 3:
+        step = math.ceil(len(whole) / MAX_SIZE_TICKS)
+        major = whole[whole % step == 0]
+        minor = whole[whole % step != 0]
+        return 8 * 2.0**major, 8 * 2.0**minor
+    lo_b, hi_b = 2.0**lo * (1 - 1e-9), 2.0**hi * (1 + 1e-9)
+    for series in NICE_SERIES:
+        inside = sorted(v for v in _round_sizes(series) if lo_b <= v <= hi_b)
+        if len(inside) >= 3:
+            step = math.ceil(len(inside) / MAX_SIZE_TICKS)
+            return 8 * np.array(inside[::step]), 8 * 2.0**whole
+    # narrower still: three evenly spaced sizes, rounded to two digits of their unit
+    unit = next(scale for scale, _ in BYTE_UNITS if lo_b >= scale or scale == 1.0)
+    mid = np.exp2(np.linspace(lo, hi, 3))
+    return 8 * unit * np.array([float(f"{v / unit:.2g}") for v in mid]), np.array([])
+
+
+def _round_sizes(series) -> Iterator[float]:
+    """Sizes in bytes that read as a whole number of one unit: ``m * 10^d`` units, 1..999."""
+    for scale, _ in BYTE_UNITS:
+        for d in range(3):
+            for m in series:
+                yield m * 10.0**d * scale
+
+
+def size_axis(ax: Axes, axis: str = "x") -> None:
+    """Label a log-scaled total-bits axis in bytes at readable sizes (see :func:`size_ticks`)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    major, minor = size_ticks(lo, hi)
+    a.set_major_locator(FixedLocator(major))
+    a.set_minor_locator(FixedLocator(minor))
+    a.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v / 8)))
+    a.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="minor", axis=axis, lw=0.5, alpha=0.4)  # the unlabelled sizes
+
+
+def plain_log_axis(ax: Axes, axis: str = "y") -> None:
+    """Plain numbers (``20``, ``50``, ``100``) on a log axis, at least three labelled ticks:
+    powers of ten, else 1-2-5 or 1-1.5-2-3-5-7 times them, else evenly spaced round values
+    (matplotlib's log locator falls back to dense linear ticks on narrow ranges)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    for subs in ((1.0,), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)):
+        ticks = [m * 10.0**d for d in decades for m in subs if lo <= m * 10.0**d <= hi]
+        if len(ticks) >= 3:
+            break
+    else:
+        ticks = list(linear_ticks(lo, hi))
+    a.set_major_locator(FixedLocator(ticks))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())
+
+
+def linear_ticks(lo: float, hi: float, at_least: int = 3) -> np.ndarray:
+    """Evenly spaced round ticks inside ``[lo, hi]``: the largest step of 1, 2, 2.5 or 5 times
+    a power of ten that leaves ``at_least`` of them (for a log axis spanning a narrow range)."""
+    span = hi - lo
+    if not span > 0:
+        return np.array([lo])
+    top = 10.0 ** math.ceil(math.log10(span))
+    for step in sorted({m * top / 10**k for k in range(4) for m in (1, 2, 2.5, 5)}, reverse=True):
+        ticks = np.arange(math.ceil(lo / step) * step, hi + step * 1e-9, step)
+        if len(ticks) >= at_least:
+            return ticks
+    return np.linspace(lo, hi, at_least)
+
+
+def _pad_log_limits(ax: Axes, values: np.ndarray, axis: str = "x", pad: float = 0.04) -> None:
+    """Limits of a log axis: the values' range widened by ``pad`` of its log span each side."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not len(v):
+        return
+    lo, hi = np.log2(v.min()), np.log2(v.max())
+    span = max(hi - lo, 0.25)
+    lim = (2 ** (lo - pad * span), 2 ** (hi + pad * span))
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(*lim)
+
+
+def legend_outside(ax: Axes, handles=None, labels=None, title: str | None = None) -> None:
+    """The axes' legend to the right of it, outside the data area."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles,
+            labels,
+            title=title,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+        )
+
+
+def figure_legend(fig: MplFigure, handles, labels, title: str | None = None) -> None:
+    """One legend for every panel, outside the panels on the right."""
+    if handles:
+        fig.legend(handles, labels, title=title, loc="outside right upper")
+
+
+def precision_handles(precisions) -> tuple[list, list[str]]:
+    """Legend entries (line + marker) for the given precisions, lowest first, baseline last."""
+    from matplotlib.lines import Line2D
+
+    ps = sorted({int(p) for p in precisions})
+    handles = [Line2D([], [], lw=1.4, ms=5, **style.precision_style(p)) for p in ps]
+    return handles, ["16-bit baseline" if p == 16 else f"{p}-bit" for p in ps]
+
+
+def _diverged_handle():
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], marker="x", linestyle="none", color="0.25", ms=6)
 
 
 def _with_ci(curves: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame:
@@ -84,32 +388,76 @@ def _with_ci(curves: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame:
     return curves.merge(pts, on=["model", "quant", "target"], how="left")
 
 
-def _draw(ax, pts: pd.DataFrame, by: str, label: Callable, colors: Mapping, order=None) -> None:
-    """One line per value of ``by`` with bootstrap error bars; x log2-scaled total bits."""
+def _draw(
+    ax: Axes,
+    pts: pd.DataFrame,
+    by: str,
+    label: Callable,
+    styles: Mapping,
+    order=None,
+    lower_is_better: bool = False,
+) -> int:
+    """One line per value of ``by`` with bootstrap error bars on a log2 total-bits axis.
+
+    Diverged points are crosses, unconnected (see :func:`_diverged_marks`). Returns how many
+    diverged points were drawn.
+    """
     keys = order or sorted(pts[by].unique(), key=lambda v: (pd.isna(v), v))
+    n_diverged = 0
+    clean = pts[~pts["diverged"]] if "diverged" in pts else pts
+    y_max = float(pd.to_numeric(clean["value"], errors="coerce").max()) if len(clean) else np.nan
     for i, k in enumerate(keys):
         g = pts[pts[by] == k] if not pd.isna(k) else pts[pts[by].isna()]
         if g.empty:
             continue
-        g = g.sort_values("total_bits")
-        y = g["value"].to_numpy(float)
-        err = None
-        if g["ci_low"].notna().all():
-            err = np.vstack([y - g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float) - y])
-            err = np.clip(err, 0, None)
-        ax.errorbar(
-            g["total_bits"],
-            y,
-            yerr=err,
-            marker=style.MARKERS[i % len(style.MARKERS)],
-            ms=4,
-            lw=1.4,
-            capsize=2,
-            color=colors.get(k),
-            label=label(g.iloc[0]),
-        )
+        st = {"marker": style.MARKERS[i % len(style.MARKERS)], **styles.get(k, {})}
+        bad = g[g["diverged"]] if "diverged" in g else g.iloc[:0]
+        ok = g.drop(bad.index).sort_values("total_bits")
+        if len(ok):
+            y = ok["value"].to_numpy(float)
+            err = None
+            if ok["ci_low"].notna().all():
+                err = np.vstack(
+                    [y - ok["ci_low"].to_numpy(float), ok["ci_high"].to_numpy(float) - y]
+                )
+                err = np.clip(np.nan_to_num(err, nan=0.0), 0, None)
+            ax.errorbar(
+                ok["total_bits"], y, yerr=err, ms=4, lw=1.4, capsize=2, label=label(g.iloc[0]), **st
+            )
+        if len(bad):
+            n_diverged += len(bad)
+            _diverged_marks(ax, bad, st.get("color", "0.25"), lower_is_better, y_max)
     ax.set_xscale("log", base=2)
+    _pad_log_limits(ax, pts["total_bits"].to_numpy(float))
     ax.set_xlabel(X_LABEL)
+    return n_diverged
+
+
+def _diverged_marks(
+    ax: Axes, bad: pd.DataFrame, color, lower_is_better: bool, y_max: float
+) -> None:
+    """Crosses for diverged points: at the measured value when it is finite and within the
+    axis' range of the curves, else at the bottom edge (top for lower-is-better metrics)."""
+    kw = {"marker": "x", "ms": 7, "mew": 1.6, "linestyle": "none", "color": color, "zorder": 5}
+    y = pd.to_numeric(bad["value"], errors="coerce").to_numpy(float)
+    finite = np.isfinite(y)
+    if lower_is_better and np.isfinite(y_max):  # far beyond the curves: the edge instead
+        finite &= y <= 2 * y_max
+    if finite.any():
+        ax.plot(bad["total_bits"].to_numpy(float)[finite], y[finite], **kw)
+    if (~finite).any():
+        edge = 0.97 if lower_is_better else 0.03
+        ax.plot(
+            bad["total_bits"].to_numpy(float)[~finite],
+            np.full(int((~finite).sum()), edge),
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+            **kw,
+        )
+
+
+def _precision_styles(pts: pd.DataFrame) -> dict:
+    return {p: style.precision_style(p) for p in pts["precision"].unique()}
 
 
 def _main(c: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -125,26 +473,13 @@ def _need(cond: bool, what: str) -> None:
         raise Skip(what)
 
 
-def _log2_ticks(ax) -> None:
-    """Ticks at powers of two on the bits axis, at fractional exponents when the range is narrow
-    (a single family often spans less than a doubling per precision)."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    lo, hi = np.log2(ax.get_xlim())
-    span = hi - lo
-    step = next((s for s, need in ((1.0, 4), (0.5, 2), (0.25, 1)) if span >= need), 0.1)
-    ticks = np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
-    ax.xaxis.set_major_locator(FixedLocator(2.0**ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"$2^{{{t:g}}}$" for t in ticks])
-
-
-def _finish(ax, target: str) -> None:
-    """Y label with units (log scale for perplexities) and power-of-two ticks on x."""
+def _finish(ax: Axes, target: str) -> None:
+    """Y label with units (log scale with plain numbers for perplexities), size ticks on x."""
     if "perplexity" in target:
         ax.set_yscale("log")
+        plain_log_axis(ax, "y")
     ax.set_ylabel(y_label(target))
-    _log2_ticks(ax)
+    size_axis(ax, "x")
 
 
 def _subplots(n: int, ncols: int = 3, w: float = 4.4, h: float = 3.6):
@@ -166,6 +501,17 @@ def _largest_family(main: pd.DataFrame) -> str:
     return str(counts.sort_values(ascending=False, kind="stable").index[0])
 
 
+def _precision_legend(fig, axes, pts: pd.DataFrame, n_diverged: int) -> None:
+    handles, labels = precision_handles(pts["precision"].unique())
+    if n_diverged:
+        handles.append(_diverged_handle())
+        labels.append(DIVERGED_LABEL)
+    if len(axes) == 1:
+        legend_outside(axes[0], handles, labels, title="precision")
+    else:
+        figure_legend(fig, handles, labels, title="precision")
+
+
 def fig_precision_one(c: pd.DataFrame, target: str) -> MplFigure:
     main = _main(c, target)
     _need(
@@ -173,12 +519,13 @@ def fig_precision_one(c: pd.DataFrame, target: str) -> MplFigure:
         f"a precision sweep (>= 2 bit widths of one data type and block size) on {target}",
     )
     fam = _largest_family(main)
-    fig, (ax,) = _subplots(1, w=6, h=4.4)
+    fig, (ax,) = _subplots(1, w=6.4, h=4.4)
     pts = main[main["family"] == fam]
-    _draw(ax, pts, "precision", lambda r: curve_label(r), style.precision_colors())
+    lower = lower_is_better(target)
+    n_div = _draw(ax, pts, "precision", curve_label, _precision_styles(pts), lower_is_better=lower)
     ax.set_title(f"{fam}: bit-level scaling")
     _finish(ax, target)
-    ax.legend(title="precision", fontsize=8)
+    _precision_legend(fig, [ax], pts, n_div)
     return fig
 
 
@@ -190,11 +537,16 @@ def fig_precision_all(c: pd.DataFrame, target: str) -> MplFigure:
     )
     fams = sorted(main["family"].unique())
     fig, axes = _subplots(len(fams))
+    n_div = 0
+    lower = lower_is_better(target)
     for ax, fam in zip(axes, fams, strict=True):
-        _draw(ax, main[main["family"] == fam], "precision", curve_label, style.precision_colors())
+        pts = main[main["family"] == fam]
+        n_div += _draw(
+            ax, pts, "precision", curve_label, _precision_styles(pts), lower_is_better=lower
+        )
         ax.set_title(fam)
         _finish(ax, target)
-    axes[0].legend(title="precision", fontsize=7)
+    _precision_legend(fig, axes, main, n_div)
     return fig
 
 
@@ -212,14 +564,32 @@ def _variation_panels(c, target, vary, require, what, title_fn, panels_by="bits"
             panels.append(g)
     _need(bool(panels), what)
     panels.sort(key=lambda g: (g["family"].iloc[0], g[panels_by].iloc[0]))
-    fig, axes = _subplots(len(panels))
+    return _panels(panels, target, lambda g: vary, lambda r, v: title_fn(r))
+
+
+def _panels(panels: list[pd.DataFrame], target: str, vary_of: Callable, title_fn) -> MplFigure:
+    """One panel per group of curves, each with its own legend outside on the right."""
+    fig, axes = _subplots(len(panels), w=5.6)
     for ax, g in zip(axes, panels, strict=True):
+        vary = vary_of(g)
         vals = sorted(g[vary].unique(), key=lambda v: (pd.isna(v), v))
         colors = dict(zip(vals, style.series_colors(len(vals)), strict=True))
-        _draw(ax, g, vary, lambda r: curve_label(r, vary), colors, order=vals)
-        ax.set_title(title_fn(g.iloc[0]))
+        styles = {v: {"color": colors[v]} for v in vals}
+        n_div = _draw(
+            ax,
+            g,
+            vary,
+            lambda r, v=vary: curve_label(r, v),
+            styles,
+            order=vals,
+            lower_is_better=lower_is_better(target),
+        )
+        ax.set_title(title_fn(g.iloc[0], vary))
         _finish(ax, target)
-        ax.legend(fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        if n_div:
+            handles, labels = [*handles, _diverged_handle()], [*labels, DIVERGED_LABEL]
+        legend_outside(ax, handles, labels)
     return fig
 
 
@@ -271,16 +641,16 @@ def fig_null_6bit(c: pd.DataFrame, target: str) -> MplFigure:
         + variation_groups(cc, "block_size", {"bits": 6})[:1]
     )
     _need(bool(groups), "6-bit curves varying dtype or block_size (the 6-bit null result)")
-    fig, axes = _subplots(len(groups))
-    for ax, g in zip(axes, groups, strict=True):
-        vary = "dtype" if g["dtype"].nunique() > 1 else "block_size"
-        vals = sorted(g[vary].unique(), key=lambda v: (pd.isna(v), v))
-        colors = dict(zip(vals, style.series_colors(len(vals)), strict=True))
-        _draw(ax, g, vary, lambda r, v=vary: curve_label(r, v), colors, order=vals)
-        ax.set_title(f"{g['family'].iloc[0]}: 6-bit, varying {vary.replace('_', ' ')}")
-        _finish(ax, target)
-        ax.legend(fontsize=7)
-    return fig
+
+    def vary_of(g):
+        return "dtype" if g["dtype"].nunique() > 1 else "block_size"
+
+    return _panels(
+        groups,
+        target,
+        vary_of,
+        lambda r, v: f"{r['family']}: 6-bit, varying {FIELD_NAMES.get(v, v)}",
+    )
 
 
 def fig_exponent(c: pd.DataFrame, target: str) -> MplFigure:
@@ -307,12 +677,18 @@ def fig_proxy(c: pd.DataFrame, target: str) -> MplFigure:
 
 def fig_ppl_vs_acc(scores: pd.DataFrame, ppl: str | None) -> MplFigure:
     _need(ppl is not None, "a perplexity task (e.g. wikitext word_perplexity) and mean accuracy")
-    a = scores[scores["target"] == ACCURACY_TARGET][["model", "quant", "family", "value"]]
-    p = scores[scores["target"] == ppl][["model", "quant", "value"]]
-    m = a.merge(p, on=["model", "quant"], suffixes=("_acc", "_ppl"))
+    marked = mark_diverged(scores, scores)
+    a = marked[marked["target"] == ACCURACY_TARGET]
+    p = marked[marked["target"] == ppl]
+    cols = ["model", "quant", "family", "value", "diverged"]
+    m = a[cols].merge(p[["model", "quant", "value", "diverged"]], on=["model", "quant"])
+    m = m.rename(columns={"value_x": "value_acc", "value_y": "value_ppl"})
+    gone = m["diverged_x"] | m["diverged_y"]
+    n_diverged = int(gone.sum())
+    m = m[~gone]
     _need(len(m) >= 3, "at least 3 runs with both perplexity and mean zero-shot accuracy")
     r = stats.pearsonr(m["value_ppl"], m["value_acc"]).statistic
-    fig, (ax,) = _subplots(1, w=5.5, h=4.4)
+    fig, (ax,) = _subplots(1, w=6.0, h=4.4)
     fams = sorted(m["family"].unique())
     colors = dict(zip(fams, style.series_colors(len(fams)), strict=True))
     for i, f in enumerate(fams):
@@ -326,15 +702,35 @@ def fig_ppl_vs_acc(scores: pd.DataFrame, ppl: str | None) -> MplFigure:
             label=f,
         )
     ax.set_xscale("log")
+    _pad_log_limits(ax, m["value_ppl"].to_numpy(float))
+    plain_log_axis(ax, "x")
     ax.set_xlabel(y_label(ppl).replace(" (lower is better)", " (log scale)"))
     ax.set_ylabel(y_label(ACCURACY_TARGET))
-    ax.set_title(f"Pearson r = {r:.3f} over {len(m)} runs")
-    ax.legend(fontsize=7)
+    title = f"Pearson r = {r:.3f} over {len(m)} runs"
+    if n_diverged:
+        title += f"\n({n_diverged} diverged runs not shown)"
+    ax.set_title(title)
+    legend_outside(ax, title="family")
     return fig
 
 
-def fig_optimal(optimal: pd.DataFrame | None, target: str) -> MplFigure:
-    from matplotlib.ticker import MaxNLocator
+def _optimal_shares(boot: pd.DataFrame | None, fam: str, target: str) -> pd.DataFrame | None:
+    """Budget x precision table of the share of replicates in which each precision is best."""
+    if boot is None or boot.empty or "kind" not in boot:
+        return None
+    s = boot[(boot["kind"] == "optimal") & (boot["family"] == fam) & (boot["target"] == target)]
+    if s.empty:
+        return None
+    t = s.pivot_table(index="budget_log2", columns="precision", values="freq", aggfunc="sum")
+    return t.fillna(0.0).sort_index()
+
+
+def fig_optimal(
+    optimal: pd.DataFrame | None, target: str, boot: pd.DataFrame | None = None
+) -> MplFigure:
+    """Top row: the best precision at each budget; bottom row (with the bootstrap table): the
+    share of bootstrap replicates in which each precision is best, stacked."""
+    import matplotlib.pyplot as plt
 
     o = None if optimal is None or optimal.empty else optimal
     if o is not None:
@@ -344,35 +740,75 @@ def fig_optimal(optimal: pd.DataFrame | None, target: str) -> MplFigure:
         f"the optimal-precision table with >= 2 precisions overlapping on {target}",
     )
     fams = sorted(o["family"].unique())
-    fig, axes = _subplots(len(fams))
-    colors = style.precision_colors()
-    for ax, fam in zip(axes, fams, strict=True):
+    shares = {f: _optimal_shares(boot, f, target) for f in fams}
+    rows = 2 if any(s is not None for s in shares.values()) else 1
+    fig, axes = plt.subplots(
+        rows,
+        len(fams),
+        figsize=(4.8 * len(fams) + 1.2, 2.8 * rows + 0.6),
+        squeeze=False,
+        sharex="col",
+        layout="constrained",
+    )
+    present: set[int] = set()
+    for j, fam in enumerate(fams):
         g = o[o["family"] == fam].sort_values("budget_bits")
-        ax.step(g["budget_bits"], g["best_precision"], where="mid", color="0.6", lw=1)
-        freq = g["freq_best"] if "freq_best" in g else pd.Series(1.0, index=g.index)
+        levels = sorted({int(p) for p in g["best_precision"]})
+        share = shares[fam]
+        if share is not None:
+            levels = sorted(set(levels) | {int(p) for p in share.columns})
+        present |= set(levels)
+        pos = {p: i for i, p in enumerate(levels)}
+        ax = axes[0, j]
+        y = g["best_precision"].astype(int).map(pos)
+        ax.step(g["budget_bits"], y, where="mid", color="0.7", lw=1, zorder=1)
         for p, gp in g.groupby("best_precision"):
+            st = style.precision_style(int(p))
             ax.scatter(
                 gp["budget_bits"],
-                gp["best_precision"],
-                s=12 + 40 * freq[gp.index],
-                color=colors.get(int(p)),
-                label=f"{int(p)}-bit",
+                gp["best_precision"].astype(int).map(pos),
+                s=22,
+                color=st["color"],
+                marker=st["marker"],
                 zorder=3,
             )
+        ax.set_yticks(range(len(levels)))
+        ax.set_yticklabels(["16" if p == 16 else str(p) for p in levels])
+        ax.set_ylim(-0.5, len(levels) - 0.5)
+        ax.set_ylabel("best precision (bits)")
+        ax.set_title(f"{fam}: optimal precision per bit budget")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel(X_LABEL)
-        ax.set_ylabel("optimal precision (bits)")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{fam}: best precision per budget")
-        _log2_ticks(ax)
-        ax.legend(fontsize=7, title="marker size: bootstrap share")
+        _pad_log_limits(ax, g["budget_bits"].to_numpy(float), pad=0.02)
+        if rows == 2:
+            bx = axes[1, j]
+            if share is None:
+                bx.set_visible(False)
+            else:
+                ps = [p for p in levels if p in share.columns]
+                bx.stackplot(
+                    np.exp2(share.index.to_numpy(float)),
+                    [share[p].to_numpy(float) for p in ps],
+                    colors=[style.precision_style(p)["color"] for p in ps],
+                    alpha=0.75,
+                    lw=0,
+                )
+                bx.set_ylim(0, 1)
+                bx.set_ylabel("share of bootstrap\nreplicates where best")
+                bx.set_xscale("log", base=2)
+            axes[0, j].tick_params(labelbottom=False)
+        bottom = axes[rows - 1, j] if axes[rows - 1, j].get_visible() else axes[0, j]
+        bottom.set_xlabel(X_LABEL)
+        size_axis(bottom, "x")
+    handles, labels = precision_handles(present)
+    figure_legend(fig, handles, labels, title="precision")
     return fig
 
 
 # ----------------------------------------------------------------------------- driver
 CAPTIONS = {
     "fig1_bit_scaling": "Bit-level scaling of the family with the most model sizes: mean zero-shot "
-    "accuracy against total model bits, one curve per precision, 95% bootstrap intervals.",
+    "accuracy against total model bits (shown in bytes), one curve per precision, 95% bootstrap "
+    "intervals.",
     "fig2_bit_scaling_families": "Bit-level scaling for every family (one panel each).",
     "fig3a_block_size_4bit": "4-bit quantization with different block sizes (block constants "
     "counted in the total bits).",
@@ -385,13 +821,17 @@ CAPTIONS = {
     "fig1_perplexity": "Perplexity version of Figure 1.",
     "fig2_perplexity_families": "Perplexity version of Figure 2.",
     "fig_perplexity_vs_accuracy": "Perplexity against mean zero-shot accuracy over all runs.",
-    "fig_optimal_precision": "The precision whose interpolated curve is highest at each total-bit "
-    "budget; marker size is the share of bootstrap replicates in which it is highest.",
+    "fig_optimal_precision": "Top: the precision whose interpolated curve is highest at each "
+    "total-bit budget. Bottom: the share of bootstrap replicates in which each precision is "
+    "highest (stacked, sums to 1).",
 }
 
 
 def _jobs(
-    scores: pd.DataFrame, curves: pd.DataFrame, optimal: pd.DataFrame | None = None
+    scores: pd.DataFrame,
+    curves: pd.DataFrame,
+    optimal: pd.DataFrame | None = None,
+    boot: pd.DataFrame | None = None,
 ) -> list[tuple[str, str, Callable]]:
     acc = ACCURACY_TARGET
     ppl = perplexity_target(list(curves["target"].unique())) if not curves.empty else None
@@ -426,7 +866,7 @@ def _jobs(
         (
             "fig_optimal_precision",
             CAPTIONS["fig_optimal_precision"],
-            lambda: fig_optimal(optimal, acc),
+            lambda: fig_optimal(optimal, acc, boot),
         ),
     ]
     for fam in sorted(curves["family"].unique()) if not curves.empty else []:
@@ -465,6 +905,28 @@ def _jobs(
     return jobs
 
 
+def draw_figures(
+    scores: pd.DataFrame, laws: Mapping[str, pd.DataFrame] | str | Path | None
+) -> Iterator[tuple[str, str, MplFigure | Skip]]:
+    """``(name, caption, figure or Skip)`` for every figure, drawn but not saved (the caller
+    closes each figure); diverged points are marked from ``scores``."""
+    style.apply()
+    tables = load_laws(laws)
+    curves = tables.get("curves")
+    if curves is None or curves.empty:
+        curves = build_curves(scores)
+    if not curves.empty:
+        curves = complete_spec_fields(curves)
+        curves = with_diverged_points(_with_ci(curves, tables.get("bootstrap")), scores)
+    for name, caption, build in _jobs(
+        scores, curves, tables.get("optimal"), tables.get("bootstrap")
+    ):
+        try:
+            yield name, caption, build()
+        except Skip as e:
+            yield name, caption, e
+
+
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -481,20 +943,12 @@ def render_figures(
     scores: pd.DataFrame, laws: Mapping[str, pd.DataFrame] | str | Path | None, out_dir: str | Path
 ) -> tuple[list[Figure], list[tuple[str, str]]]:
     """Draw every figure the data allows: ``(written figures, [(skipped name, data needed)])``."""
-    style.apply()
-    tables = load_laws(laws)
-    curves = tables.get("curves")
-    if curves is None or curves.empty:
-        curves = build_curves(scores)
-    curves = _with_ci(curves, tables.get("bootstrap"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    for name, caption, build in _jobs(scores, curves, tables.get("optimal")):
-        try:
-            fig = build()
-        except Skip as e:
-            skipped.append((name, str(e)))
+    for name, caption, fig in draw_figures(scores, laws):
+        if isinstance(fig, Skip):
+            skipped.append((name, str(fig)))
             continue
         written.append(Figure(name, caption, _save(fig, out, name)))
     return written, skipped
@@ -544,14 +998,19 @@ def make_figures(
     out_dir: str | Path,
     index: str | Path | None = None,
 ) -> list[Path]:
-    """Write every figure (PNG + PDF), ``SKIPPED.md`` and ``index.md``; returns the figure files.
+    """Write every figure (PNG + PDF), ``SKIPPED.md`` (and as ``SKIPPED.html`` for the HTML
+    report) and ``index.md``; returns the figure files.
 
     ``laws`` is the mapping (or directory) of the fit step's tables: ``curves`` (built from
-    ``scores`` when absent), ``bootstrap`` (error bars), ``fits``, ``optimal``.
+    ``scores`` when absent), ``bootstrap`` (error bars, optimal-precision shares), ``fits``,
+    ``optimal``.
     """
+    from kbit.analysis.report import skipped_html  # the report module imports this one
+
     written, skipped = render_figures(scores, laws, out_dir)
     out = Path(out_dir)
     write_text(skipped_markdown(skipped), out / "SKIPPED.md")
+    write_text(skipped_html(skipped), out / "SKIPPED.html")
     index_path = Path(index) if index else out / "index.md"
     write_text(index_markdown(written, skipped, index_path.parent), index_path)
     return [p for f in written for p in f.paths]

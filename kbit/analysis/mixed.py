@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -1148,3 +1148,42 @@ def make_mixed_figures(
             continue
         written += _save(fig, out, name)
     return written, skipped
+
+
+# ----------------------------------------------------------------------------- registration
+#: descriptive names of M1-M3 in the claims registry (kbit.analysis.claims)
+MIXED_FINDING_NAMES = {
+    "M1": "larger_models_tolerate_higher_ratio",
+    "M2": "matmul_beats_layer_granularity",
+    "M3": "block_size_matters_less_at_scale",
+}
+
+
+def _registered(fn: Callable[..., Claim]) -> Callable:
+    def check(d: Any, cl: Claim) -> None:
+        tables = {k: v for k, v in d.tables.items() if k in TABLE_NAMES}
+        if "mixed_curves" not in tables:
+            cl.evidence.append("no mixed-precision runs in this study")
+            return
+        res = fn(tables)
+        cl.verdict, cl.evidence = res.verdict, list(res.evidence)
+
+    return check
+
+
+def register_findings() -> None:
+    """Register M1-M3 with the claims check, so they appear in claims.md beside findings 1-11
+    when a study has mixed-precision runs (their tables are passed to ``check_claims``)."""
+    from kbit.analysis.claims import Finding, register
+
+    empty: dict[str, pd.DataFrame] = {}
+    for fn in MIXED_CLAIMS:
+        template = fn(empty)
+        name = MIXED_FINDING_NAMES[str(template.number)]
+        register(
+            Finding(name, template.number, template.statement, template.test, _registered(fn)),
+            replace=True,
+        )
+
+
+register_findings()

@@ -1382,9 +1382,27 @@ __all__ = [
     "leave_one_run_out",
     "lower_is_better",
     "nll_from_metric",
+    "plot_not_enough_data",
     "plot_predicted_vs_measured",
     "prediction_study",
     "rank_formats",
     "ranking_hit_rate",
     "summary_markdown",
 ]
+
+
+def plot_not_enough_data(path: str | Path, reason: str) -> Path:
+    """A figure that says why there is no predicted-vs-measured plot (the rule's output exists
+    either way, so a small study still completes)."""
+    import matplotlib.pyplot as plt
+
+    from kbit.analysis import style
+    from kbit.io import atomic_write
+
+    style.apply()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"no validation: {reason}", ha="center", va="center", wrap=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+    plt.close(fig)
+    return Path(path)

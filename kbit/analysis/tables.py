@@ -272,10 +272,13 @@ def aggregate(
     accuracy_metrics: Mapping[str, str] | None = None,
     sweeps: Mapping[str, Iterable[str]] | None = None,
     perplexity_cap: float = DEFAULT_PERPLEXITY_CAP,
+    features: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build ``(scores, runs)`` from per-document evaluation files; see the module docstring.
 
-    ``perplexity_cap``: a run whose perplexity exceeds it is marked diverged.
+    ``perplexity_cap``: a run whose perplexity exceeds it is marked diverged. ``features``
+    (rows of :func:`kbit.features.spec_feature_rows` with ``model``: SQNR per layer type,
+    quantized counts, format descriptors) are joined onto the runs as ``feat_*`` columns.
 
     ``sweeps`` (sweep name -> quant ids, as the study config expands them) is recorded in a
     ``sweeps`` column, so the analysis knows which curves the study meant as its precision sweep.
@@ -289,6 +292,10 @@ def aggregate(
     if "tasks" not in scores:
         scores["tasks"] = None
     scores["lower_is_better"] = scores["metric"].isin(LOWER_IS_BETTER)
+    if features is not None and len(features):
+        feats = features.drop_duplicates(["model", "quant"]).set_index(["model", "quant"])
+        feats = feats.add_prefix("feat_").reset_index()
+        runs = runs.merge(feats, on=["model", "quant"], how="left")
     if sweeps:
         tags = sweep_tags(scores["quant"].unique(), sweeps)
         scores["sweeps"] = scores["quant"].map(tags)

@@ -265,8 +265,8 @@ def logit_row_bytes(vocab: int, logits_item: int, softmax_item: int, copy: bool)
 
 
 def gigabytes(n_bytes: float) -> str:
-    """``n_bytes`` for a message, e.g. ``34.4 GB``."""
-    return f"{n_bytes / GB:.1f} GB" if abs(n_bytes) >= 0.05 * GB else f"{n_bytes / GB:.3f} GB"
+    """``n_bytes`` for a message, three significant digits, e.g. ``34.4 GB``."""
+    return f"{n_bytes / GB:.3g} GB"
 
 
 def write_batch_size(path: str | os.PathLike, info: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from kbit.evaluation.batch_size import read_batch_size
 from kbit.evaluation.resume import cache_key, cache_path, write_manifest
 from kbit.evaluation.runner import MethodInputs, evaluate_specs
 from kbit.evaluation.tasks import load_tasks, task_dir
+from kbit.evaluation.windows import DEFAULT_WINDOW, WINDOW_TASKS, window_task
 from kbit.sources import SOURCE_FILE
 from kbit.study import Study
 
@@ -59,10 +60,14 @@ def evaluate_job(
     batch_size = read_batch_size(batch_size_file)
     meta = {**study.model_meta(model), **model_provenance(model_dir)}
     trust = bool(study.models[model].get("trust_remote_code", False))
+    data_dir = study.config.get("data_dir")
+    windows = [t for t in tasks if t in WINDOW_TASKS]
     files: dict[tuple[str, str], Path] = {}
     for q in quants:
         for t in tasks:
             prepared = task_dir(tasks_dir, t)
+            if t in windows:  # scores itself from the original file: key on that file
+                prepared = Path(data_dir) / WINDOW_TASKS[t][0] if data_dir else Path("/hub")
             key = cache_key(
                 {
                     "meta": meta,
@@ -71,8 +76,9 @@ def evaluate_job(
                     "batch_size": batch_size,
                     "quantize": options.science(),
                     "trust_remote_code": trust,
+                    "window": DEFAULT_WINDOW if t in windows else None,
                 },
-                prepared if prepared.is_dir() else None,
+                prepared if prepared.exists() else None,
                 Path(artifacts[q]) / "kbit.json" if q in artifacts else None,
                 assignments.get(q),
             )
@@ -81,10 +87,11 @@ def evaluate_job(
     log.info("%s: %d of %d (quant, task) files cached, %d to evaluate", model,
              len(files) - todo, len(files), todo)  # fmt: skip
     if todo:
+        rest = [t for t in tasks if t not in windows]
         evaluate_specs(
             model_dir,
             list(quants),
-            load_tasks(list(tasks), Path(tasks_dir)),
+            load_tasks(rest, Path(tasks_dir)) if rest else {"tasks": {}, "groups": {}},
             files,
             meta,
             batch_size=batch_size,
@@ -93,6 +100,7 @@ def evaluate_job(
             trust_remote_code=trust,
             artifacts=artifacts,
             inputs=MethodInputs(assignments=assignments),
+            scored_tasks={t: window_task(t, data_dir, settings.limit_for(t)) for t in windows},
         )
     write_manifest(manifest, model, files)
     return files

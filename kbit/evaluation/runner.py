@@ -342,7 +342,11 @@ def run_metadata(
         "output_type": result.output_type,
         **versions(),
         "eval_dtype": str(lm.model.dtype).removeprefix("torch."),
-        "softmax_dtype": str(lm.softmax_dtype or lm.model.dtype).removeprefix("torch."),
+        "softmax_dtype": (
+            "float32"  # windows always take a float32 log-softmax
+            if result.output_type == "perplexity_windows"
+            else str(lm.softmax_dtype or lm.model.dtype).removeprefix("torch.")
+        ),
         "device": str(lm.device),
         "batch_size": int(lm.batch_size),
         "max_length": int(lm.max_length),
@@ -465,6 +469,7 @@ def evaluate_specs(
     artifacts: Mapping[str, str | os.PathLike] | None = None,
     inputs: MethodInputs | None = None,
     lm_options: Mapping[str, Any] | None = None,
+    scored_tasks: Mapping[str, Any] | None = None,
 ) -> dict[tuple[str, str], Path]:
     """Many quantization configs of one model: load once, quantize in place, reuse requests.
 
@@ -475,6 +480,8 @@ def evaluate_specs(
     ``artifacts`` takes its weights from that packed artifact (:mod:`kbit.artifact`) instead of
     quantizing in place (GPTQ, mixed assignments, large models quantized in their own job);
     the others are quantized in place with ``inputs`` (calibration tokens, mixed assignments).
+    ``scored_tasks`` are tasks that score themselves beside lm-eval's (name -> an object with
+    ``score(lm, progress) -> TaskResult``, e.g. :class:`kbit.evaluation.windows.WindowTask`).
     ``lm_options`` go to the fast scoring path (:class:`~kbit.evaluation.speed.scoring.FastLM`).
     On CUDA ``settings.cuda_graphs`` decides whether batches captured as CUDA graphs are replayed
     for later specs: ``auto`` measures what capture costs and saves on this machine
@@ -485,7 +492,8 @@ def evaluate_specs(
     options = options or QuantizeOptions.from_config()
     _check_tasks(task_dict)
     parsed = [QuantSpec.parse(s) for s in specs]
-    names = list(task_dict["tasks"])
+    scored = dict(scored_tasks or {})
+    names = list(task_dict["tasks"]) + [n for n in scored if n not in task_dict["tasks"]]
     missing = [(s.id, t) for s in parsed for t in names if (s.id, t) not in out_paths]
     if missing:
         raise ValueError(f"out_paths has no entry for (quant, task) pairs {missing}")
@@ -502,6 +510,10 @@ def evaluate_specs(
     original = WeightSnapshot(model)  # weights and tying as loaded, restored before each spec
     n_specs = sum(bool(v) for v in todo.values())
     options_lm = dict(lm_options or {})
+    from kbit.loading import model_devices
+
+    if len(model_devices(model)) > 1 and settings.fast_scoring:
+        options_lm["cuda_graphs"] = False  # a model placed across GPUs is scored eagerly
     lm = lm_for(model, tok, batch_size, settings, **options_lm)
     policy = None
     if settings.fast_scoring and lm.device.type == "cuda" and "cuda_graphs" not in options_lm:
@@ -533,14 +545,17 @@ def evaluate_specs(
             else:
                 summary = (inputs or MethodInputs()).quantize(model, spec, options)
             for name in todo[spec.id]:
-                if name not in prepared:
-                    task = task_dict["tasks"][name]
-                    prepared[name] = PreparedTask(name, task, settings.limit_for(name), lm)
-                    # the model, tasks, requests and token memos live until the end: keep the
-                    # garbage collector from rescanning them (a full pass took 0.3 s per spec)
-                    gc.freeze()
                 progress.label = f"{model_meta.get('model')}/{spec.id}"
-                res = score_prepared(lm, prepared[name], progress)
+                if name in scored:
+                    res = scored[name].score(lm, progress)
+                else:
+                    if name not in prepared:
+                        task = task_dict["tasks"][name]
+                        prepared[name] = PreparedTask(name, task, settings.limit_for(name), lm)
+                        # the model, tasks, requests and token memos live until the end: keep
+                        # the garbage collector from rescanning them (0.3 s per spec)
+                        gc.freeze()
+                    res = score_prepared(lm, prepared[name], progress)
                 meta = run_metadata(model_meta, spec, summary, lm, res, n_mm)
                 if policy is not None:
                     graphs = {

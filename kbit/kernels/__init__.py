@@ -1,5 +1,10 @@
 """GPU kernels (Triton) for blockwise k-bit quantization, bit-exact with the CPU reference.
 
+``*_blockwise``: absmax types with any sorted codebook of at most 256 entries;
+``*_microscaling``: mxfp/mxint/nvfp specs (E8M0 or E4M3 block scales, elements rounded to
+nearest even). ``kbit.kernels.launch`` says how each codebook is searched,
+``kbit.kernels.exact`` holds the proofs behind the arithmetic shortcuts.
+
 Importing this package never imports Triton: machines without Triton or a GPU use the torch
 reference in ``kbit.blockwise``, and callers ask ``available(x)`` before dispatching here. With
 ``TRITON_INTERPRET=1`` set before Triton is first imported, the same kernels run on CPU tensors
@@ -15,13 +20,17 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kbit.kernels.launch import KernelConfig
+    from kbit.kernels.launch import KernelConfig, Microscaling
+    from kbit.spec import QuantSpec
 
 __all__ = [
     "available",
     "dequantize_blockwise",
+    "dequantize_microscaling",
     "fake_quantize_blockwise",
+    "fake_quantize_microscaling",
     "quantize_blockwise",
+    "quantize_microscaling",
 ]
 
 
@@ -105,3 +114,55 @@ def dequantize_blockwise(
         out_dtype,
         config=config or launch.DEFAULT_CONFIG,
     )
+
+
+def _format(spec: QuantSpec | str) -> Microscaling:
+    from kbit.kernels import launch
+    from kbit.spec import MICROSCALING_DTYPES, QuantSpec
+
+    spec = QuantSpec.parse(spec)  # a QuantSpec is returned as is
+    if spec.dtype not in MICROSCALING_DTYPES:
+        raise ValueError(f"{spec.id} is not a microscaling spec ({', '.join(MICROSCALING_DTYPES)})")
+    return launch.microscaling(spec.dtype, spec.bits, spec.exponent_bits, spec.block_size)
+
+
+def fake_quantize_microscaling(
+    x: torch.Tensor, spec: QuantSpec | str, *, config: KernelConfig | None = None
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` of an ``mxfp``/``mxint``/``nvfp`` spec in one fused pass
+    (shared E8M0 or E4M3 block scales, elements rounded to nearest even); same shape and dtype
+    as ``x``. Centering (``spec.center``) is the caller's (``kbit.blockwise``)."""
+    from kbit.kernels import launch
+
+    return launch.fake_quantize_microscaling(
+        x, _format(spec), config=config or launch.DEFAULT_CONFIG
+    )
+
+
+def quantize_microscaling(
+    x: torch.Tensor, spec: QuantSpec | str, *, config: KernelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(packed codes, block scales as ``kbit.blockwise`` stores them: uint8 E8M0 or
+    float8_e4m3fn, NVFP4's fp32 global scale or None)."""
+    from kbit.kernels import launch
+
+    return launch.quantize_microscaling(x, _format(spec), config=config or launch.DEFAULT_CONFIG)
+
+
+def dequantize_microscaling(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    spec: QuantSpec | str,
+    numel: int,
+    global_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Inverse of ``quantize_microscaling``: a 1-D tensor of ``numel`` values."""
+    from kbit.kernels import launch
+
+    return launch.dequantize_microscaling(
+        packed, scales, _format(spec), numel, global_scale, out_dtype,
+        config=config or launch.DEFAULT_CONFIG,
+    )  # fmt: skip

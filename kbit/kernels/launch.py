@@ -8,16 +8,31 @@ Two execution paths give identical results:
   per-block scale. Used for per-tensor scaling (``block_size=None``) and very large blocks,
   where one block does not fit in one program's registers, and for packing when
   ``block_size % 8 != 0``.
+
+How a value finds its code (``KernelConfig.search``, resolved by ``_resolve_search``):
+
+* ``arith``: int and float codebooks (``kbit.kernels.arith.detect``) and every microscaling
+  element grid: computed in registers, no table;
+* ``pair`` / ``pair-smem``: one read of an 8-byte bucket record (``kbit.kernels.pairs``) from
+  global memory or from a shared-memory copy of the table;
+* ``tree``, ``bucket``, ``bucket-mid``, ``bucket-smem``: the earlier table searches (midpoint
+  search tree; bucket tables of ``_bucket_tables``), kept as options and fallbacks.
+
+The division is exact everywhere; ``FAST_DIVISION`` lists the input/scale dtype pairs on
+which the block-reciprocal division was checked against the IEEE quotient on every pair of
+values a block can hold (``kbit.kernels.exact.check_fast_division``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kbit.kernels import arith, pairs
 from kbit.kernels import triton_kernels as tk
 
 _SCALE_DTYPES = {
@@ -28,6 +43,18 @@ _SCALE_DTYPES = {
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_CODEBOOK = 256
 
+#: (input dtype, scale dtype) -> (division mode, bound): ``check_fast_division`` compared the
+#: block-reciprocal division with the IEEE quotient on every pair of values a block can hold;
+#: the only differing pairs have quotients of magnitude <= bound, so codes (and outputs) are
+#: identical for every codebook without a midpoint within ``bound`` of 0 (the others use
+#: div_rn). Measured bounds: benchmarks/kernels_notes.md ("v6", Division).
+FAST_DIVISION = {
+    (torch.float16, torch.float16): (tk.DIV_RECIP, 0.0),  # no pair differs
+    (torch.bfloat16, torch.float16): (tk.DIV_RECIP, 2.0**-100),  # measured 1.96e-31
+    (torch.float16, torch.bfloat16): (tk.DIV_RECIP, 0.0),  # no pair differs
+    (torch.bfloat16, torch.bfloat16): (tk.DIV_RECIP_PRESCALED, 2.0**-88),  # measured 1.56e-27
+}
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -37,31 +64,26 @@ class KernelConfig:
     (whole blocks; at least one block). ``per_thread`` / ``pack_per_thread``: values per
     thread, which sets the warps per program.
 
-    ``search``: how a normalized value finds its code. ``"tree"``: descent of the midpoint
-    search tree, one table read per level. ``"bucket"``: one read of a record of the bucket
-    that the value's bit pattern selects (for fake quantization a second, independent read and
-    no codebook read). ``"bucket-mid"``: a 1-byte table of the bucket's first code, then a
-    midpoint read and a codebook read. ``"bucket-smem"``: as ``bucket-mid``, the midpoints and
-    the codebook read from a copy in shared memory. ``"auto"``: the tree for codebooks of at
-    most ``bucket_min_entries`` entries; above, ``bucket`` for packing and, for fake
-    quantization, ``bucket`` up to ``record_max_entries`` entries and ``bucket-mid`` beyond
-    (the fastest of each on an H100; benchmarks/kernels_notes.md). A codebook without a bucket
-    layout of one midpoint per bucket reads several midpoints (``bucket`` becomes
-    ``bucket-mid``); one without any layout uses the tree.
+    ``search``: how a normalized value finds its code (module docstring). ``"auto"``:
+    ``arith`` for int codebooks; otherwise pair records (float codebooks too: on an H200 the
+    log-layout table beat the float arithmetic, 85% against 74% of copy at 8 bits), from
+    global memory up to ``pair_global_max`` buckets and from shared memory above (the H200
+    measurements favour shared memory at every size); the tree where no pair layout separates
+    the midpoints. ``pair_layout``: ``auto``, ``uniform``, ``log`` or ``binade``
+    (``kbit.kernels.pairs``). ``bucket_min_entries``, ``record_max_entries``: the older
+    searches' own choice when ``search`` names one of them (``bucket`` up to
+    ``record_max_entries`` entries, ``bucket-mid`` beyond; the tree up to
+    ``bucket_min_entries``).
 
-    ``fast_div``: for fp16 inputs with fp16 scales, divide by the block scale with a reciprocal
-    computed once per block and one FMA correction (correctly rounded there: checked on every
-    fp16 value and scale) instead of ``div_rn``. ``reg_levels``: search-tree levels resolved by
-    selects instead of table gathers; ``search_step``: tree levels resolved per vector load
-    after those (1 = one gather per level). ``flat_groups`` / ``dequant_groups``: groups of 8
-    values per program in the two-pass and dequantize kernels.
+    ``fast_div``: divide by the block reciprocal on the dtype pairs of ``FAST_DIVISION``.
+    ``reg_levels``: search-tree levels resolved by selects instead of table gathers;
+    ``search_step``: tree levels resolved per vector load after those (1 = one gather per
+    level). ``flat_groups`` / ``dequant_groups``: groups of 8 values per program in the
+    two-pass and dequantize kernels.
 
     ``mid_launch``: (smallest block, largest block, tile, values per thread) overriding
-    ``tile`` / ``per_thread`` for fused fake quantization through ``bucket-mid`` (the 8-bit
-    default). Its three dependent table reads per value keep more of them in flight with 32
-    values per thread (and 2-4 warps per program); on an H100 that lifts nf8 at B = 1024 from
-    69% to 74% of copy and every 8-bit type at B = 128..2048 to >= 71%, and loses at B = 64
-    (benchmarks/kernels_notes.md, "v5").
+    ``tile`` / ``per_thread`` for fused fake quantization through ``bucket-mid`` (measured on
+    an H100, benchmarks/kernels_notes.md, "v5").
     """
 
     tile: int = 2048
@@ -69,6 +91,8 @@ class KernelConfig:
     pack_tile: int = 4096
     pack_per_thread: int = 32
     search: str = "auto"
+    pair_layout: str = "auto"
+    pair_global_max: int = 0
     bucket_min_entries: int = 8
     record_max_entries: int = 16
     fast_div: bool = True
@@ -87,9 +111,19 @@ class KernelConfig:
 
 DEFAULT_CONFIG = KernelConfig()
 
-_SEARCH_MODES = {"tree": 0, "bucket": 1, "bucket-mid": 2, "bucket-smem": 3}
+_SEARCH_MODES = {
+    "tree": 0,
+    "bucket": 1,
+    "bucket-mid": 2,
+    "bucket-smem": 3,
+    "pair": 4,
+    "pair-smem": 5,
+}
+SEARCHES = ("auto", "arith", *_SEARCH_MODES)
 _table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 _bucket_cache: dict[tuple, _BucketTables | None] = {}
+_pair_host_cache: dict[tuple, pairs.PairTables | None] = {}
+_pair_cache: dict[tuple, dict] = {}
 
 
 def _check_block_size(block_size: int | None) -> None:
@@ -326,6 +360,157 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+# ----------------------------------------------------------------------------- code arguments
+#: constexprs of the code families; a family leaves the others at these values
+_NEUTRAL = dict(
+    FAMILY=tk.FAMILY_TABLE, AM=0, AEMIN=0, AVM=0.0, AV2=0.0, AHI=0.0, ALO=0.0, AZERO=0, ALAST=0,
+    LOGP=0, REG_LEVELS=0, STEP=1, SEARCH=0, BREF=1, BMLOW=0, BELOW=0, BNMAG=1, NTAB=1,
+    PLAY=0, PK=0.0, PNB=1, PNE=1, PELO=0,
+)  # fmt: skip
+
+
+def _pair_host(cb: torch.Tensor, layout: str) -> pairs.PairTables | None:
+    """``pairs.build`` of a validated CPU codebook, cached per value and layout."""
+    key = (cb.numpy().tobytes(), layout)
+    if key not in _pair_host_cache:
+        if len(_pair_host_cache) > 256:
+            _pair_host_cache.clear()
+        _pair_host_cache[key] = pairs.build(cb.numpy(), layout)
+    return _pair_host_cache[key]
+
+
+def _pair_tables(cb: torch.Tensor, device: torch.device, layout: str) -> tuple | None:
+    """(host tables, device tensors padded to a power of two) of a codebook, cached."""
+    t = _pair_host(cb, layout)
+    if t is None:
+        return None
+    key = (cb.numpy().tobytes(), str(device), layout)
+    dev = _pair_cache.get(key)
+    if dev is None:
+        ntab = _pow2(t.nb)
+
+        def pad(a: np.ndarray) -> torch.Tensor:
+            full = np.full(ntab, a[-1], np.int64)
+            full[: a.size] = a
+            return torch.from_numpy(full).to(device)
+
+        dev = dict(fake=pad(t.fake), pack=pad(t.pack), lay=torch.from_numpy(t.lay).to(device),
+                   ntab=ntab)  # fmt: skip
+        if len(_pair_cache) > 256:
+            _pair_cache.clear()
+        _pair_cache[key] = dev
+    return t, dev
+
+
+def _resolve_search(cb: torch.Tensor, cfg: KernelConfig, pack: bool) -> str:
+    """The search that runs for this codebook (``KernelConfig.search``; module docstring)."""
+    if cfg.search not in SEARCHES:
+        raise ValueError(f"search={cfg.search!r}: allowed are {', '.join(SEARCHES)}")
+    cpu = cb.detach().to("cpu", torch.float32).contiguous()
+    if cfg.search == "arith":
+        if arith.detect(cpu) is None:
+            raise ValueError("search='arith' needs an int or float codebook")
+        return "arith"
+    if cfg.search != "auto":
+        return cfg.search
+    fam = arith.detect(cpu)
+    if isinstance(fam, arith.IntCode):
+        return "arith"
+    t = _pair_host(cpu, cfg.pair_layout)
+    if t is None and fam is not None:
+        return "arith"
+    if t is not None:
+        return "pair" if t.nb <= cfg.pair_global_max else "pair-smem"
+    return "tree"
+
+
+def _pair_args(
+    cb: torch.Tensor, device: torch.device, cfg: KernelConfig, search: str
+) -> dict | None:
+    hit = _pair_tables(cb, device, cfg.pair_layout)
+    if hit is None:
+        return None
+    t, dev = hit
+    kw = dict(SEARCH=_SEARCH_MODES[search], NTAB=dev["ntab"], PLAY=t.layout, PK=t.k, PNB=t.nb,
+              PNE=t.ne, PELO=t.elo)  # fmt: skip
+    return dict(fake=dev["fake"], pack=dev["pack"], lay=dev["lay"], kw=kw)
+
+
+def _bucket_args(cb: torch.Tensor, device: torch.device, search: str) -> dict | None:
+    mode = _SEARCH_MODES[search]
+    bt = _bucket_tables(cb, device, mode) if mode else None
+    if bt is None:
+        return None
+    lay = bt.layout
+    kw = dict(SEARCH=bt.mode, BREF=bt.refine, BMLOW=lay.mlow, BELOW=lay.elow, BNMAG=lay.nmag,
+              NTAB=bt.ntab)  # fmt: skip
+    return dict(fake=bt.fake, hi=bt.hi, pack=bt.pack, mids=bt.mids, cb=bt.cb, kw=kw)
+
+
+_args_cache: dict[tuple, tuple[dict[str, torch.Tensor], dict]] = {}
+
+
+def _code_args(
+    codebook: torch.Tensor, bits: int | None, device: torch.device, cfg: KernelConfig, pack: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(table tensors by kernel argument name, constexprs) of the code search for a codebook,
+    cached per codebook value, bits, device, config and direction (the host work would
+    otherwise be paid on every call)."""
+    cpu = codebook.detach().to("cpu", torch.float32).contiguous()
+    key = (cpu.numpy().tobytes(), cpu.numel(), bits, str(device), cfg, pack)
+    hit = _args_cache.get(key)
+    if hit is None:
+        if len(_args_cache) > 256:
+            _args_cache.clear()
+        hit = _args_cache[key] = _build_code_args(cpu, bits, device, cfg, pack)
+    return hit
+
+
+def _build_code_args(
+    codebook: torch.Tensor, bits: int | None, device: torch.device, cfg: KernelConfig, pack: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Pointer arguments a search does not read get a one-element dummy."""
+    step = max(1, min(cfg.search_step, 4))
+    tree, rec, cb, logp = _tables(codebook, bits, device, step)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    ptrs = dict(tab=tree, rec=rec, btab=dummy, bhi=dummy, mid=dummy, cb=cb, lay=dummy)
+    kw = dict(_NEUTRAL, LOGP=logp, REG_LEVELS=min(cfg.reg_levels, logp), STEP=step)
+    cpu = codebook.detach().to("cpu", torch.float32).contiguous()
+    search = _resolve_search(cpu, cfg, pack)
+    if search == "arith":
+        fam = arith.detect(cpu)
+        if isinstance(fam, arith.IntCode):
+            kw.update(FAMILY=tk.FAMILY_INT, AM=fam.m, AHI=fam.rhi, ALO=fam.rlo, ALAST=fam.m)
+        else:
+            kw.update(FAMILY=tk.FAMILY_FLOAT, AM=fam.mantissa_bits, AEMIN=fam.emin_bits,
+                      AVM=fam.vmax, AV2=fam.vmax2, AHI=fam.rhi, ALO=fam.rlo,
+                      AZERO=(fam.entries - 1) // 2, ALAST=fam.entries - 1)  # fmt: skip
+        return ptrs, kw
+    if search in ("pair", "pair-smem"):
+        pa = _pair_args(cpu, device, cfg, search)
+        if pa is not None:
+            kw.update(pa["kw"])
+            ptrs.update(rec=pa["fake"], btab=pa["pack"], lay=pa["lay"])
+            return ptrs, kw
+        search = "tree"
+    ba = _bucket_args(cpu, device, search) if search != "tree" else None
+    if ba is not None:
+        kw.update(ba["kw"])
+        ptrs.update(btab=ba["pack"] if pack else ba["fake"], bhi=ba["hi"], mid=ba["mids"])
+        if ba["cb"] is not None:
+            ptrs["cb"] = ba["cb"]
+    return ptrs, kw
+
+
+def _element_args(fmt: arith.ElementCode, device: torch.device) -> tuple[dict, dict]:
+    """Pointers (dummies) and constexprs of a microscaling element grid (FAMILY=3)."""
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    ptrs = dict(tab=dummy, rec=dummy, btab=dummy, bhi=dummy, mid=dummy, cb=dummy, lay=dummy)
+    kw = dict(_NEUTRAL, FAMILY=tk.FAMILY_ELEMENT, AM=fmt.mantissa_bits, AEMIN=fmt.emin_bits,
+              AVM=fmt.vmax, AZERO=fmt.zero, ALAST=2 * fmt.zero)  # fmt: skip
+    return ptrs, kw
+
+
 def _use_fused(block_size: int | None, pack: bool, cfg: KernelConfig) -> bool:
     if block_size is None or block_size > cfg.max_fused_block:
         return False
@@ -341,18 +526,31 @@ def _block_shift(block: int, nblocks: int) -> int:
     return -1
 
 
-def _two_pass_scales(
-    x: torch.Tensor, block: int, scale_dtype: torch.dtype, cfg: KernelConfig
-) -> torch.Tensor:
-    """Block scales (in ``scale_dtype``) from a chunked absmax pass and torch rounding."""
+def _block_absmax(x: torch.Tensor, block: int, cfg: KernelConfig) -> torch.Tensor:
+    """fp32 absmax of every block (chunked kernel, then a torch max over the chunks)."""
     n = x.numel()
     nblocks = -(-n // block)
     chunk = min(cfg.absmax_chunk, _pow2(block))
     nchunks = -(-block // chunk)
     part = torch.empty(nblocks * nchunks, dtype=torch.float32, device=x.device)
-    tk.absmax_partial_kernel[(nblocks * nchunks,)](x, part, n, block, nchunks, C=chunk)
-    absmax = part.view(nblocks, nchunks).amax(dim=1)
-    return absmax.clamp(max=torch.finfo(scale_dtype).max).to(scale_dtype)
+    tk.absmax_partial_kernel[(nblocks * nchunks,)](_bits_view(x), part, n, block, nchunks, C=chunk)
+    return part.view(nblocks, nchunks).amax(dim=1)
+
+
+_dummies: dict[str, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A 3-element fp32 tensor for kernel pointer arguments that a path does not read."""
+    key = str(device)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(3, dtype=torch.float32, device=device)
+    return _dummies[key]
+
+
+def _bits_view(t: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors go to the kernels as int16 bit patterns (``triton_kernels._to_f32``)."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def _warps(values: int, per_thread: int) -> int:
@@ -362,47 +560,114 @@ def _warps(values: int, per_thread: int) -> int:
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _resolve_search(cb: torch.Tensor, cfg: KernelConfig, pack: bool) -> str:
-    """The search ``cfg.search`` names; ``auto``: see ``KernelConfig``."""
-    if cfg.search not in (*_SEARCH_MODES, "auto"):
-        allowed = ", ".join([*_SEARCH_MODES, "auto"])
-        raise ValueError(f"search={cfg.search!r}: allowed are {allowed}")
-    if cfg.search != "auto":
-        return cfg.search
-    if cb.numel() <= max(1, cfg.bucket_min_entries):
-        return "tree"
-    if pack or cb.numel() <= cfg.record_max_entries:
-        return "bucket"
-    return "bucket-mid"
-
-
-def _search_args(cb: torch.Tensor, device: torch.device, cfg: KernelConfig, pack: bool) -> dict:
-    """Tables and constexprs of the configured search (pointer arguments unused by a search
-    get any tensor)."""
-    name = _resolve_search(cb, cfg, pack)
-    mode = _SEARCH_MODES[name]
-    bt = None
-    if mode:
-        bt = _bucket_tables(cb.detach().to("cpu", torch.float32).contiguous(), device, mode)
-    if bt is None:
-        dummy = torch.zeros(1, dtype=torch.float32, device=device)
-        kw = dict(SEARCH=0, BREF=1, BMLOW=0, BELOW=0, BNMAG=1, NTAB=1)
-        return dict(fake=dummy, hi=dummy, pack=dummy, mids=dummy, cb=None, kw=kw)
-    lay = bt.layout
-    kw = dict(
-        SEARCH=bt.mode, BREF=bt.refine, BMLOW=lay.mlow, BELOW=lay.elow, BNMAG=lay.nmag,
-        NTAB=bt.ntab,
-    )  # fmt: skip
-    return dict(fake=bt.fake, hi=bt.hi, pack=bt.pack, mids=bt.mids, cb=bt.cb, kw=kw)
-
-
-def _fake_launch(cfg: KernelConfig, block: int, search: int | None) -> tuple[int, int]:
+def _fake_launch(cfg: KernelConfig, block: int, search: int, family: int) -> tuple[int, int]:
     """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch``)."""
-    if search == _SEARCH_MODES["bucket-mid"]:
+    if family == tk.FAMILY_TABLE and search == _SEARCH_MODES["bucket-mid"]:
         for lo, hi, tile, per_thread in cfg.mid_launch:
             if lo <= block <= hi:
                 return tile, per_thread
     return cfg.tile, cfg.per_thread
+
+
+_mid_cache: dict[bytes, float] = {}
+
+
+def _min_abs_mid(grid: torch.Tensor) -> float:
+    """Smallest |midpoint| of a sorted codebook (0 if a midpoint is 0; inf if none)."""
+    g = grid.detach().to("cpu", torch.float32).contiguous()
+    key = g.numpy().tobytes()
+    if key not in _mid_cache:
+        if len(_mid_cache) > 256:
+            _mid_cache.clear()
+        _mid_cache[key] = math.inf if g.numel() < 2 else float(((g[:-1] + g[1:]) / 2).abs().min())
+    return _mid_cache[key]
+
+
+def _division(
+    x: torch.Tensor, scale_dtype: torch.dtype, cfg: KernelConfig, grid: torch.Tensor
+) -> int:
+    """The division mode for a block scale dtype and codebook (``FAST_DIVISION``)."""
+    mode, bound = FAST_DIVISION.get((x.dtype, scale_dtype), (tk.DIV_EXACT, 0.0))
+    if not cfg.fast_div or (bound > 0 and _min_abs_mid(grid) <= bound):
+        return tk.DIV_EXACT
+    return mode
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """How blocks are scaled: kernel constexprs plus the scalars and stored dtype."""
+
+    scale_dt: int
+    emax: int
+    div: int
+    store_dtype: torch.dtype
+    gd: torch.Tensor | None = None  # NVFP4: device fp32 [g, RN(6 g), division flag]
+
+
+def _launch(
+    x: torch.Tensor,
+    block_size: int | None,
+    sc: _Scaling,
+    ptrs: dict,
+    kw: dict,
+    bits: int | None,
+    pack: bool,
+    cfg: KernelConfig,
+    two_pass_divisors,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the fused or the two-pass kernels; returns (output, stored scales or None).
+
+    ``two_pass_divisors(absmax) -> (stored scales, fp32 divisors)`` is the torch form of the
+    block scale for the two-pass path."""
+    x = x.contiguous().view(-1)
+    n = x.numel()
+    block = block_size if block_size is not None else max(n, 1)
+    nblocks = -(-n // block)
+    k = bits if bits is not None else 8
+    nbytes = -(-n * k // 8)
+    # packed buffers are allocated in whole 8-byte words so that the word-store path may view
+    # them as int16/int32/int64; the caller gets exactly nbytes
+    buf = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=x.device) if pack else None
+    out = buf[:nbytes] if pack else torch.empty_like(x)
+    if n == 0:
+        return out, torch.empty(0, dtype=sc.store_dtype, device=x.device) if pack else None
+    kp = _pow2(k)
+    common = dict(SCALE_DT=sc.scale_dt, EMAX=sc.emax, DIV=sc.div)
+    gd = sc.gd if sc.gd is not None else _dummy(x.device)
+    if _use_fused(block_size, pack, cfg):
+        bp = _pow2(block)
+        tile, per_thread = _fake_launch(cfg, block, kw["SEARCH"], kw["FAMILY"])
+        rows = max(1, (cfg.pack_tile if pack else tile) // bp)
+        masked = bp != block or n % (rows * block) != 0
+        grid = (-(-nblocks // rows),)
+        if not pack:
+            tk.fused_fake_kernel[grid](
+                _bits_view(x), _bits_view(out), ptrs["tab"], ptrs["rec"], ptrs["btab"],
+                ptrs["bhi"], ptrs["mid"], ptrs["cb"], ptrs["lay"], gd, n,
+                B=block, BP=bp, ROWS=rows, **kw, **common, MASKED=masked,
+                num_warps=_warps(rows * bp, per_thread),
+            )  # fmt: skip
+            return out, None
+        scales = torch.empty(nblocks, dtype=sc.store_dtype, device=x.device)
+        words = k in _WORD_DTYPES
+        dst = buf.view(_WORD_DTYPES[k]) if words else buf
+        tk.fused_pack_kernel[grid](
+            _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
+            ptrs["mid"], ptrs["lay"], gd, n, nblocks, nbytes,
+            B=block, BP=bp, ROWS=rows, **kw, **common, K=k, KP=kp, WORDS=words, MASKED=masked,
+            num_warps=_warps(rows * bp, cfg.pack_per_thread),
+        )  # fmt: skip
+        return out, scales
+    scales, divisors = two_pass_divisors(_block_absmax(x, block, cfg))
+    groups = cfg.flat_groups
+    grid = (-(-n // (8 * groups)),)
+    tk.flat_kernel[grid](
+        _bits_view(x), _bits_view(out), divisors, ptrs["tab"], ptrs["rec"], ptrs["btab"],
+        ptrs["bhi"], ptrs["mid"], ptrs["cb"], ptrs["lay"], n, block, nbytes,
+        G=groups, BLOG=_block_shift(block, nblocks), **kw, PACK=pack, K=k, KP=kp,
+        num_warps=_warps(8 * groups, cfg.per_thread),
+    )  # fmt: skip
+    return out, scales if pack else None
 
 
 def _run(
@@ -417,63 +682,14 @@ def _run(
     _check_input(x)
     _check_block_size(block_size)
     sdt = _check_scale_dtype(scale_dtype)
-    step = max(1, min(cfg.search_step, 4))
-    tree, rec, cb, logp = _tables(codebook, bits, x.device, step)
-    sa = _search_args(codebook, x.device, cfg, pack)
-    skw = sa["kw"]
-    if sa["cb"] is not None:
-        cb = sa["cb"]
-    fast_div = cfg.fast_div and x.is_cuda and x.dtype == torch.float16 and sdt == tk.SCALE_FP16
-    x = x.contiguous().view(-1)
-    n = x.numel()
-    block = block_size if block_size is not None else max(n, 1)
-    nblocks = -(-n // block)
-    k = bits if bits is not None else 8
-    nbytes = -(-n * k // 8)
-    # packed buffers are allocated in whole 8-byte words so that the word-store path may view
-    # them as int16/int32/int64; the caller gets exactly nbytes
-    buf = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=x.device) if pack else None
-    out = buf[:nbytes] if pack else torch.empty_like(x)
-    if n == 0:
-        return out, torch.empty(0, dtype=scale_dtype, device=x.device) if pack else None
-    reg_levels = min(cfg.reg_levels, logp)
-    kp = _pow2(k)
-    if _use_fused(block_size, pack, cfg):
-        bp = _pow2(block)
-        tile, per_thread = _fake_launch(cfg, block, skw.get("SEARCH"))
-        rows = max(1, (cfg.pack_tile if pack else tile) // bp)
-        masked = bp != block or n % (rows * block) != 0
-        grid = (-(-nblocks // rows),)
-        if not pack:
-            tk.fused_fake_kernel[grid](
-                x, out, tree, rec, sa["fake"], sa["hi"], sa["mids"], cb, n,
-                B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step, **skw,
-                SCALE_DT=sdt, FASTDIV=fast_div,
-                MASKED=masked, num_warps=_warps(rows * bp, per_thread),
-            )  # fmt: skip
-            return out, None
-        scales = torch.empty(nblocks, dtype=scale_dtype, device=x.device)
-        words = k in _WORD_DTYPES
-        dst = buf.view(_WORD_DTYPES[k]) if words else buf
-        tk.fused_pack_kernel[grid](
-            x, dst, scales, tree, rec, sa["pack"], sa["mids"], n, nblocks, nbytes,
-            B=block, BP=bp, ROWS=rows, LOGP=logp, REG_LEVELS=reg_levels, STEP=step, **skw,
-            SCALE_DT=sdt, FASTDIV=fast_div,
-            K=k, KP=kp, WORDS=words, MASKED=masked,
-            num_warps=_warps(rows * bp, cfg.pack_per_thread),
-        )  # fmt: skip
-        return out, scales
-    scales = _two_pass_scales(x, block, scale_dtype, cfg)
-    groups = cfg.flat_groups
-    grid = (-(-n // (8 * groups)),)
-    tk.flat_kernel[grid](
-        x, out, scales.float(), tree, rec, sa["pack"] if pack else sa["fake"], sa["hi"],
-        sa["mids"], cb, n, block, nbytes,
-        G=groups, BLOG=_block_shift(block, nblocks), LOGP=logp, REG_LEVELS=reg_levels,
-        STEP=step, **skw,
-        PACK=pack, K=k, KP=kp, num_warps=_warps(8 * groups, cfg.per_thread),
-    )  # fmt: skip
-    return out, scales if pack else None
+    ptrs, kw = _code_args(codebook, bits, x.device, cfg, pack)
+    sc = _Scaling(sdt, 0, _division(x, scale_dtype, cfg, codebook), scale_dtype)
+
+    def two_pass(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = absmax.clamp(max=torch.finfo(scale_dtype).max).to(scale_dtype)
+        return s, s.float()
+
+    return _launch(x, block_size, sc, ptrs, kw, bits, pack, cfg, two_pass)
 
 
 def fake_quantize_blockwise(
@@ -549,8 +765,198 @@ def dequantize_blockwise(
     groups = config.dequant_groups
     grid = (-(-numel // (8 * groups)),)
     tk.dequant_kernel[grid](
-        packed.contiguous(), scales.contiguous(), cb, out, numel, block, nbytes,
+        packed.contiguous(), scales.contiguous(), cb, _bits_view(out), numel, block, nbytes,
         G=groups, BLOG=_block_shift(block, nblocks), K=bits, KP=_pow2(bits),
         num_warps=config.dequant_warps,
     )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------- microscaling
+_E4M3_MAX = 448.0
+_E8M0_BIAS = 127
+
+
+@dataclass(frozen=True)
+class Microscaling:
+    """A microscaling format: element grid, block size and scale kind (``e8m0``/``e4m3``)."""
+
+    element: arith.ElementCode
+    block_size: int
+    scale: str
+    bits: int
+    grid: torch.Tensor  # raw element values, sorted (for dequantization)
+
+
+@functools.lru_cache(maxsize=64)
+def microscaling(dtype: str, bits: int, exponent_bits: int | None, block_size: int) -> Microscaling:
+    """The format of an ``mxfp``/``mxint``/``nvfp`` spec with the given block size (cached:
+    it is built on every call's host path)."""
+    from kbit.codebooks import element_grid
+    from kbit.spec import QuantSpec
+
+    spec = QuantSpec(dtype=dtype, bits=bits, exponent_bits=exponent_bits, block_size=block_size)
+    scale = "e4m3" if dtype == "nvfp" else "e8m0"
+    fmt = arith.element_code(dtype, bits, spec.exponent_bits)
+    return Microscaling(fmt, int(spec.block_size), scale, bits, element_grid(spec).values)
+
+
+def nvfp_global_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, RN(6 g)) on x's device, 1-element fp32 tensors: NVFP4's per-tensor scale
+    ``amax / (448 * 6)`` and the block-scale denominator. The same operations as
+    ``kbit.blockwise`` (which divides on the CPU because a CUDA division by a Python scalar
+    goes through its reciprocal): an elementwise tensor division is IEEE on every device, so
+    no host synchronisation is needed."""
+    lo, hi = torch.aminmax(x.detach())  # one pass; abs() would write a copy of x first
+    amax = torch.maximum(-lo, hi).float().reshape(1)
+    g = amax / torch.full((1,), _E4M3_MAX * 6.0, dtype=torch.float32, device=x.device)
+    return g, 6.0 * g
+
+
+_x_values: dict[tuple, torch.Tensor] = {}
+
+
+def _all_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every finite value of a 16-bit float dtype, padded by repeats to a multiple of 4096."""
+    key = (dtype, str(device))
+    if key not in _x_values:
+        v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        v = v[torch.isfinite(v)]
+        _x_values[key] = torch.cat([v, v[: (-v.numel()) % 4096]]).to(device)
+    return _x_values[key]
+
+
+def division_mismatches_async(
+    x_dtype: torch.dtype, scales: torch.Tensor, div: int, limits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Device tensor ``[pairs that differ, largest |quotient| among them]`` of division mode
+    ``div`` against ``div_rn`` over every finite value of ``x_dtype`` (fp16/bf16) and every
+    fp32 scale in ``scales``; with ``limits``, only values ``|x| <= limits[i]`` count for
+    scale i. Nothing is read back to the host."""
+    xs = _all_values(x_dtype, scales.device)
+    if limits is None:
+        limits = torch.full_like(scales, math.inf)
+    out = torch.zeros(2, dtype=torch.float32, device=scales.device)
+    s = scales.float().contiguous()
+    tk.division_check_kernel[(s.numel(), xs.numel() // 4096)](
+        _bits_view(xs), s, limits.float().contiguous(), out, NX=4096, DIV=div, num_warps=4
+    )
+    return out
+
+
+def division_mismatches(
+    x_dtype: torch.dtype, scales: torch.Tensor, div: int, limits: torch.Tensor | None = None
+) -> tuple[int, float]:
+    """:func:`division_mismatches_async` read back: (pairs that differ, largest |quotient|)."""
+    out = division_mismatches_async(x_dtype, scales, div, limits).cpu()
+    return int(out[0]), float(out[1])
+
+
+_E4M3_POSITIVE: dict[str, torch.Tensor] = {}
+
+
+def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> torch.Tensor:
+    """Device ``[g, RN(6 g), flag]`` for NVFP4. The flag allows the block-reciprocal division:
+    a check on the device compares it with div_rn on every value of x's dtype up to the
+    tensor's absmax (no block holds larger ones) and every block scale the format can
+    produce here (the 126 positive E4M3 values times g); any difference must stay below the
+    element grid's smallest midpoint. fp32 inputs always divide with div_rn."""
+    g, denom = nvfp_global_scale(x)
+    flag = torch.zeros(1, dtype=torch.float32, device=x.device)
+    if cfg.fast_div and x.dtype in (torch.float16, torch.bfloat16):
+        key = str(x.device)
+        if key not in _E4M3_POSITIVE:
+            e = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+            _E4M3_POSITIVE[key] = e.to(x.device)
+        scales = _E4M3_POSITIVE[key] * g
+        amax = g * (_E4M3_MAX * 6.0 * (1.0 + 2.0**-20))
+        out = division_mismatches_async(x.dtype, scales, tk.DIV_RECIP, amax.expand_as(scales))
+        flag = ((out[:1] == 0) | (out[1:] < _min_abs_mid(fmt.grid))).float()
+    return torch.cat([g, denom, flag])
+
+
+def _mx_scaling(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig):
+    """(_Scaling, torch two-pass scales, global scale or None) of a microscaling format."""
+    if fmt.scale == "e8m0":
+        sc = _Scaling(tk.SCALE_E8M0, fmt.element.emax, tk.DIV_POW2, torch.uint8)
+
+        def two_pass(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _, e = torch.frexp(absmax)
+            shared = torch.where(absmax > 0, e.to(torch.int32) - 1 - fmt.element.emax, -127)
+            stored = (shared.clamp(-127, 127) + _E8M0_BIAS).to(torch.uint8)
+            d = stored.to(torch.float32) - _E8M0_BIAS
+            return stored, torch.ldexp(torch.ones_like(d), d)
+
+        return sc, two_pass, None
+    gd = _nv_gd(x, fmt, cfg)
+    sc = _Scaling(tk.SCALE_E4M3, 0, tk.DIV_RECIP_IF, torch.uint8, gd)
+
+    def two_pass_nv(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        den = gd[1:2].expand_as(absmax)
+        ratio = torch.where(den > 0, absmax / den, torch.zeros_like(absmax))
+        s8 = ratio.clamp(max=_E4M3_MAX).to(torch.float8_e4m3fn)
+        return s8.view(torch.uint8), s8.float() * gd[0:1]
+
+    return sc, two_pass_nv, gd[0].clone()
+
+
+def _run_mx(
+    x: torch.Tensor, fmt: Microscaling, pack: bool, cfg: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    _check_input(x)
+    _check_block_size(fmt.block_size)
+    sc, two_pass, g = _mx_scaling(x, fmt, cfg)
+    ptrs, kw = _element_args(fmt.element, x.device)
+    bits = fmt.bits if pack else None
+    out, scales = _launch(x, fmt.block_size, sc, ptrs, kw, bits, pack, cfg, two_pass)
+    if scales is not None and fmt.scale == "e4m3":
+        scales = scales.view(torch.float8_e4m3fn)
+    return out, scales, g
+
+
+def fake_quantize_microscaling(
+    x: torch.Tensor, fmt: Microscaling, *, config: KernelConfig = DEFAULT_CONFIG
+) -> torch.Tensor:
+    """``kbit.blockwise.fake_quantize`` of an mxfp/mxint/nvfp spec in one pass (same shape and
+    dtype as ``x``)."""
+    y, _, _ = _run_mx(x, fmt, False, config)
+    return y.view(x.shape)
+
+
+def quantize_microscaling(
+    x: torch.Tensor, fmt: Microscaling, *, config: KernelConfig = DEFAULT_CONFIG
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(packed codes, block scales as stored: uint8 E8M0 or float8_e4m3fn, NVFP4's fp32
+    global scale or None), as ``kbit.blockwise.quantize`` stores them."""
+    packed, scales, g = _run_mx(x, fmt, True, config)
+    assert scales is not None
+    return packed, scales, g
+
+
+def microscaling_divisors(
+    scales: torch.Tensor, fmt: Microscaling, global_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 block scales from stored E8M0 / E4M3 scales (``kbit.blockwise`` decoding)."""
+    if fmt.scale == "e8m0":
+        d = scales.to(torch.float32) - _E8M0_BIAS
+        return torch.ldexp(torch.ones_like(d), d)
+    if global_scale is None:
+        raise ValueError("nvfp4 needs its global scale to dequantize")
+    return scales.view(torch.float8_e4m3fn).float() * global_scale.to(scales.device)
+
+
+def dequantize_microscaling(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: Microscaling,
+    numel: int,
+    global_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    config: KernelConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_microscaling`: 1-D ``numel`` values in ``out_dtype``."""
+    divisors = microscaling_divisors(scales, fmt, global_scale)
+    return dequantize_blockwise(
+        packed, divisors, fmt.grid, fmt.block_size, fmt.bits, numel, out_dtype, config=config
+    )

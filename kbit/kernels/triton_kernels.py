@@ -1,29 +1,48 @@
-"""Triton kernels for blockwise absmax k-bit quantization.
+"""Triton kernels for blockwise k-bit quantization, bit-exact with ``kbit.blockwise``.
 
 This module imports Triton at import time; ``kbit.kernels`` imports it lazily so that the rest
-of the library works on machines without Triton. Every kernel reproduces the CPU reference bit
-for bit:
+of the library works on machines without Triton. Every kernel reproduces the reference bit for
+bit; what each step computes and why it is exact:
 
-* the block's absmax is rounded to the scale dtype (round-to-nearest-even after clamping to the
-  largest finite value) and used as fp32 ``s``;
-* ``xn = x / s`` is the IEEE round-to-nearest quotient: ``div_rn`` (Triton's plain fp32 ``/``
-  lowers to an approximate division that can move a value across a midpoint), or, for fp16
-  inputs with fp16 scales (``FASTDIV``), the same Newton/FMA sequence as the hardware's
-  division fast path with the reciprocal computed once per block, checked against ``div_rn``
-  on every fp16 value with every fp16 scale (``tests/test_kernels.py``);
-* the code is the number of codebook midpoints strictly below ``xn`` (ties go to the lower
-  code), found either by a branchless descent of the midpoints stored as a breadth-first search
-  tree (``SEARCH=0``) or through a bucket table indexed by the bit pattern of ``xn``
-  (``SEARCH=1, 2, 3``, see ``_bucket_index`` and ``_codes``);
-* dequantization is ``codebook[code] * s`` in fp32, cast to the output dtype;
-* packing is an LSB-first bitstream: code ``i`` occupies bits ``[i*k, (i+1)*k)``, so every group
-  of 8 codes is exactly ``k`` bytes.
+* **Block scale** (``_block_scale``). Absmax types: the block's absmax rounded to the scale
+  dtype (nearest even after clamping to its largest finite value). MX: the E8M0 exponent
+  ``max(E(absmax) - emax, 0)`` read from the absmax's exponent field (``floor(log2)`` for a
+  normal absmax; a subnormal or zero absmax gives the minimum, 2^-127, as the reference's
+  clamp does). NVFP4: ``E4M3(min(absmax / (6 g), 448))`` with ``g`` the per-tensor scale,
+  rounded with the element rounding below.
+* **Division** ``xn = x / s`` (``_divide``), always the IEEE quotient: ``div_rn``; or, on the
+  input/scale dtypes where ``kbit.kernels.exact.check_fast_division`` found no pair that
+  differs, the block's correctly rounded reciprocal ``r = 1/s`` and per value
+  ``q = x r``, ``q + (x - s q) r`` (one multiply, two FMAs); or, for MX's power-of-two
+  scales, ``x * 2^-e`` (exact). A zero scale gives ``xn = 0``.
+* **Code** (``_value`` / ``_code``, ``FAMILY``):
 
-Kernels come in two shapes. The fused kernels view the tensor as rows of one block each and do
-absmax, scale, search and output in a single read of ``x``: this is what makes fake quantization
-memory-bound. The flat kernel takes precomputed fp32 scales (from ``absmax_partial_kernel``) and
-handles what the fused tile cannot: blocks larger than one tile (per-tensor scaling) and packing
-when the block size is not a multiple of 8.
+  - ``FAMILY=1`` int grids and ``FAMILY=2`` normalised float grids (``kbit.kernels.arith``):
+    the two candidate entries are found from the value's bits with one magic-number rounding
+    (no table), both entries computed exactly, and ``xn`` compared with their float32
+    midpoint: the reference's comparison, ties to the lower code.
+  - ``FAMILY=3`` microscaling element grids: round to nearest even onto the grid by adding
+    and subtracting ``2^(e + 23 - M)`` (``e`` the value's binade, at least the grid's
+    smallest normal one), saturating at the largest element; the code is read from the sum's
+    bits.
+  - ``FAMILY=0`` any other sorted codebook (``SEARCH``): the midpoint search tree; bucket
+    tables indexed by the value's bits (``_bucket_index``); or single-probe pair records
+    (``SEARCH=4`` from global memory, ``5`` from a shared-memory copy): a bucket of a layout
+    in which no bucket holds two midpoints stores its two candidate entries, and the kernel
+    compares with their midpoint.
+
+* **Output**: fake quantization writes ``cb[code] * s`` in fp32, cast to the output dtype
+  (nearest even); packing writes an LSB-first bitstream: code ``i`` occupies bits
+  ``[i*k, (i+1)*k)``, so every group of 8 codes is exactly ``k`` bytes.
+
+Floating-point contraction: the compiler may fuse a multiply into a following add. Every
+multiply whose result is added later is either an explicit ``tl.fma`` or one whose fusion
+cannot change the result (noted where it happens).
+
+Kernel shapes: the fused kernels view the tensor as rows of one block and do absmax, scale,
+codes and output in a single read of ``x``; the flat kernel takes precomputed fp32 divisors
+(from ``absmax_partial_kernel``) for blocks larger than one tile, per-tensor scaling and
+packing when the block size is not a multiple of 8.
 
 Inputs must be finite (the reference rejects NaN and inf; the kernels do not check, for speed).
 """
@@ -33,24 +52,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Scale dtype selectors (constexpr): the rounding applied to a block's absmax.
+# Block scale kinds (constexpr SCALE_DT): absmax rounded to a float dtype, E8M0, E4M3 * g.
 SCALE_FP16 = 0
 SCALE_BF16 = 1
 SCALE_FP32 = 2
+SCALE_E8M0 = 3
+SCALE_E4M3 = 4
 
+# Division modes (constexpr DIV).
+DIV_EXACT = 0  # div_rn per value
+DIV_RECIP = 1  # correctly rounded block reciprocal, one FMA correction per value
+DIV_RECIP_PRESCALED = 2  # as 1, with x and s times 2^64 in blocks of a scale below 2^-30
+DIV_POW2 = 3  # multiplication by the exact reciprocal of a power of two
+DIV_RECIP_IF = 4  # DIV_RECIP where a device-side flag allows it (NVFP4), else div_rn
 
-@triton.jit
-def _round_scale(absmax, SCALE_DT: tl.constexpr):
-    """absmax (fp32, >= 0) -> block scale rounded to the scale dtype, returned as fp32."""
-    if SCALE_DT == 0:
-        s = tl.minimum(absmax, 65504.0).to(tl.float16).to(tl.float32)
-    elif SCALE_DT == 1:
-        # Round-to-nearest-even to bf16 on the bit pattern: identical on every backend (the
-        # interpreter's bf16 cast is not guaranteed to round), exact for finite inputs >= 0.
-        s = _bf16_rne(tl.minimum(absmax, 3.3895313892515355e38))
-    else:
-        s = absmax
-    return s
+# Code families (constexpr FAMILY).
+FAMILY_TABLE = 0
+FAMILY_INT = 1
+FAMILY_FLOAT = 2
+FAMILY_ELEMENT = 3
+
+_TWO23 = 8388608.0  # 2^23: unit in the last place 1
+_SIGN = -2147483648  # 0x80000000 as int32
 
 
 @triton.jit
@@ -63,46 +86,214 @@ def _bf16_rne(v):
 
 @triton.jit
 def _to_out(y, dtype: tl.constexpr):
-    """Cast fp32 results to the output dtype with round-to-nearest-even on every backend."""
-    if dtype == tl.bfloat16:
-        y = _bf16_rne(y)
-    return y.to(dtype)
+    """Cast fp32 results to the output dtype with round-to-nearest-even on every backend.
+    bf16 tensors are passed as int16 bit patterns (``launch._bits_view``): stored as the top
+    half of the rounded fp32 bits (Triton's interpreter converts bf16 subnormals wrongly)."""
+    if dtype == tl.int16:
+        out = (_bf16_rne(y).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    elif dtype == tl.bfloat16:
+        out = _bf16_rne(y).to(dtype)
+    else:
+        out = y.to(dtype)
+    return out
 
 
 @triton.jit
-def _normalize(x, s):
-    """x / s with IEEE rounding; 0 where the block scale is 0 (an all-zero block)."""
+def _to_f32(v):
+    """Loaded input values as fp32; int16 holds bf16 bit patterns (see ``_to_out``)."""
+    if v.dtype == tl.int16:
+        f = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        f = v.to(tl.float32)
+    return f
+
+
+@triton.jit
+def _element_round(u, VMAX: tl.constexpr, M: tl.constexpr, EMIN_BITS: tl.constexpr):
+    """Non-negative fp32 ``u`` rounded to nearest even onto an element grid (M mantissa bits,
+    smallest normal binade ``EMIN_BITS``), saturating at ``VMAX``.
+
+    ``c = 2^(max(e_u, emin) + 23 - M)``: in ``[c, 2c)`` float32's unit in the last place is the
+    grid's spacing at ``u``, so ``RN(u + c) - c`` is the nearest grid value (ties to even: an
+    even last bit of the sum is an even grid mantissa), subnormals included. Returns the value
+    and the sum and ``c`` (their bits give the rank, ``_element_rank``).
+    """
+    u = tl.minimum(u, VMAX)
+    ec = tl.maximum(u.to(tl.int32, bitcast=True) & 0x7F800000, EMIN_BITS)
+    cb = ec + ((23 - M) << 23)
+    c = cb.to(tl.float32, bitcast=True)
+    s = u + c
+    return s - c, s, ec
+
+
+@triton.jit
+def _element_rank(s, ec, M: tl.constexpr, EMIN_BITS: tl.constexpr):
+    """Rank of ``_element_round``'s value among the non-negative grid values (its bit
+    pattern without the sign): whole binades above the smallest normal one, plus the units
+    of the sum above ``c``."""
+    return ((ec - EMIN_BITS) >> (23 - M)) + (s.to(tl.int32, bitcast=True) - (ec + ((23 - M) << 23)))
+
+
+@triton.jit
+def _block_scale(absmax, gd_ptr, SCALE_DT: tl.constexpr, EMAX: tl.constexpr):
+    """absmax (fp32, >= 0) -> (s: the fp32 block scale, stored: what the scale tensor holds).
+
+    ``stored`` is s itself for the float dtypes, the E8M0 biased exponent for MX and the
+    E4M3 bit pattern for NVFP4 (``gd_ptr``: fp32 ``[g, RN(6 g), division flag]`` on the
+    device, so that no host synchronisation is needed)."""
+    if SCALE_DT == 0:
+        s = tl.minimum(absmax, 65504.0).to(tl.float16).to(tl.float32)
+        stored = s
+    elif SCALE_DT == 1:
+        # nearest-even bf16 on the bit pattern: the interpreter's cast is not guaranteed to round
+        s = _bf16_rne(tl.minimum(absmax, 3.3895313892515355e38))
+        stored = s
+    elif SCALE_DT == 2:
+        s = absmax
+        stored = s
+    elif SCALE_DT == 3:
+        e = tl.maximum((absmax.to(tl.int32, bitcast=True) >> 23) - EMAX, 0)
+        s = tl.where(e > 0, e << 23, 0x400000).to(tl.float32, bitcast=True)
+        stored = e
+    else:
+        g = tl.load(gd_ptr)
+        denom = tl.load(gd_ptr + 1)
+        safe = tl.where(denom > 0.0, denom, 1.0)
+        ratio = tl.where(denom > 0.0, tl.math.div_rn(absmax, safe), 0.0)
+        t, sm, ec = _element_round(ratio, 448.0, 3, 121 << 23)
+        s = t * g
+        stored = _element_rank(sm, ec, 3, 121 << 23)
+    return s, stored
+
+
+@triton.jit
+def _reciprocal(s, stored, DIV: tl.constexpr):
+    """Per-block factors of ``_divide``: (s', r, k) with ``x / s = (k x) / s'``."""
+    if DIV == 1 or DIV == 4:
+        r = tl.where(s == 0.0, 0.0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s))
+        k = s
+        sd = s
+    elif DIV == 2:
+        k = tl.where(s < 9.313225746154785e-10, 18446744073709551616.0, 1.0)  # 2^-30, 2^64
+        sd = s * k  # exact: a power of two
+        r = tl.where(s == 0.0, 0.0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), sd))
+    elif DIV == 3:
+        e = stored
+        r = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)
+        k = s
+        sd = s
+    else:
+        r = s
+        k = s
+        sd = s
+    return sd, r, k
+
+
+@triton.jit
+def _exact_div(x, s):
     s_b = tl.broadcast_to(s, x.shape)
     safe = tl.where(s_b == 0.0, 1.0, s_b)
     return tl.where(s_b == 0.0, 0.0, tl.math.div_rn(x, safe))
 
 
 @triton.jit
-def _recip(s):
-    """Reciprocal of the block scales for ``_fast_div``: approximate, then one Newton step."""
-    r0 = 1.0 / s
-    return tl.fma(tl.fma(-s, r0, 1.0), r0, r0)
+def _recip_div(x, sd, r):
+    q = x * r  # feeds the FMAs below as a product operand: no contraction possible
+    return tl.fma(tl.fma(-sd, q, x), r, q)
 
 
 @triton.jit
-def _fast_div(x, s, r):
-    """x / s from r = _recip(s): q = x*r, then one FMA correction. Correctly rounded on the
-    domain where it is used (fp16 x, fp16 s: checked exhaustively); 0 where s == 0."""
-    q = x * r
-    q = tl.fma(tl.fma(-s, q, x), r, q)
-    return tl.where(s == 0.0, 0.0, q)
-
-
-@triton.jit
-def _scaled(x, s, FASTDIV: tl.constexpr):
-    """x / s (s broadcast from fewer dims, same rank), by ``_fast_div`` or ``_normalize``."""
-    if FASTDIV:  # noqa: SIM108 (constexpr branch, resolved when compiling)
-        xn = _fast_div(x, s, _recip(s))
+def _divide(x, sd, r, k, gd_ptr, DIV: tl.constexpr):
+    """x / s with IEEE rounding (see the module docstring); 0 where s == 0. ``sd, r, k``
+    from ``_reciprocal``, broadcastable to ``x``. DIV=4: the reciprocal division where the
+    device-side flag ``gd_ptr[2]`` (set by ``division_check_kernel``'s verdict) allows it,
+    ``div_rn`` otherwise (one branch per program)."""
+    if DIV == 0:
+        xn = _exact_div(x, sd)
+    elif DIV == 3:
+        xn = x * r
+    elif DIV == 4:
+        if tl.load(gd_ptr + 2) != 0.0:  # noqa: SIM108 (a branch per program, not a select)
+            xn = _recip_div(x, sd, r)
+        else:
+            xn = _exact_div(x, sd)
     else:
-        xn = _normalize(x, s)
+        if DIV == 2:
+            x = x * k  # exact: a power of two
+        xn = _recip_div(x, sd, r)
     return xn
 
 
+# ----------------------------------------------------------------------------- arithmetic codes
+@triton.jit
+def _div_const(v, AHI: tl.constexpr, ALO: tl.constexpr):
+    """``RN(v / d)`` for grid values ``v`` as ``fma(v, hi, v lo)`` (``hi + lo = 1/d``); one
+    multiply where ``lo`` is 0 (``arith``: there a single product was checked exact)."""
+    if ALO == 0.0:  # noqa: SIM108 (constexpr branch, resolved when compiling)
+        q = v * AHI
+    else:
+        q = tl.fma(v, AHI, v * ALO)
+    return q
+
+
+@triton.jit
+def _int_pair(xn, AM: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr):
+    """Int grid ``RN((2i - m) / m)``: (j + 2^23 as fp32, cb[j], cb[j+1], xn > midpoint).
+
+    ``N = RN(xn m + m)`` (twice the position on the grid) and ``j = N >> 1`` (by a second
+    magic FMA: ``RN(2^23 + N/2 - 1/4)``) put the answer in {j, j+1} wherever it is; both
+    entries are ``fma(a, hi, a lo)``, checked exact for every ``a = 2i - m``.
+    """
+    n2 = tl.fma(xn, AM * 1.0, AM + 8388608.0)
+    n2 = tl.minimum(tl.maximum(n2, 8388608.0), 8388608.0 + (2 * AM - 1))
+    jf = tl.fma(n2, 0.5, 4194303.75)  # 2^22 - 1/4 (N = 0 lands on a tie that rounds to 2^23)
+    a = tl.fma(jf, 2.0, -(16777216.0 + AM))
+    b = a + 2.0
+    lo = _div_const(a, AHI, ALO)
+    hi = _div_const(b, AHI, ALO)
+    up = xn > (lo + hi) * 0.5
+    return jf, lo, hi, up
+
+
+@triton.jit
+def _float_pair(
+    xn,
+    AVM: tl.constexpr,
+    AV2: tl.constexpr,
+    AM: tl.constexpr,
+    AEMIN: tl.constexpr,
+    AHI: tl.constexpr,
+    ALO: tl.constexpr,
+):
+    """Normalised float grid ``RN(v / vmax)``: (raw lower neighbour's code offset pieces,
+    cb[lo], cb[hi], xn > midpoint).
+
+    ``w = xn vmax`` is rounded onto the raw grid (``t``, signed, nearest even) with the
+    element rounding's power of two carrying the sign of ``w``; the raw neighbour on the
+    other side of ``w`` (one grid step of ``w``'s binade away) completes the pair that holds
+    the answer. Returns also ``t``'s rank pieces for the code.
+    """
+    w = tl.fma(xn, AVM, 0.0)  # an fma so that the adds below cannot absorb the product
+    # below -vmax the pair is (-vmax, next); at the top, clamping to the second largest value
+    # makes the pair (that value, vmax), so saturation needs no clamp of the pair itself
+    w = tl.minimum(tl.maximum(w, -AVM), AV2)
+    wb = w.to(tl.int32, bitcast=True)
+    ec = tl.maximum(wb & 0x7F800000, AEMIN)
+    cb = ec + ((23 - AM) << 23)
+    cs = (cb | (wb & -2147483648)).to(tl.float32, bitcast=True)
+    ulp = (ec - (AM << 23)).to(tl.float32, bitcast=True)
+    sm = w + cs
+    t = sm - cs
+    down = t > w
+    lo = t - tl.where(down, ulp, 0.0)
+    hi = lo + ulp
+    clo = _div_const(lo, AHI, ALO)
+    chi = _div_const(hi, AHI, ALO)
+    up = xn > (clo + chi) * 0.5
+    return sm, ec, cb, wb, down, clo, chi, up
+
+
+# ----------------------------------------------------------------------------- table searches
 @triton.jit
 def _search(
     xn,
@@ -278,40 +469,169 @@ def _levels(
 
 
 @triton.jit
+def _float_code(sm, ec, cb, wb, down, up, AM: tl.constexpr, AEMIN: tl.constexpr,
+                AZERO: tl.constexpr, ALAST: tl.constexpr):  # fmt: skip
+    """Code of ``_float_pair``'s answer: the rank of ``t`` (signed around the zero code),
+    minus one if the pair lies below ``t``, plus one for the upper entry (at most the last
+    code: ``w`` was clamped below the largest raw value)."""
+    mag = ((ec - AEMIN) >> (23 - AM)) + ((sm.to(tl.int32, bitcast=True) & 0x7FFFFFFF) - cb)
+    neg = wb >> 31  # -1 for negative w, else 0
+    idx = AZERO + ((mag ^ neg) - neg)
+    return idx - down.to(tl.int32) + up.to(tl.int32)
+
+
+# ----------------------------------------------------------------------------- pair records
+@triton.jit
+def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr,
+                PNB: tl.constexpr, PNE: tl.constexpr, PELO: tl.constexpr):  # fmt: skip
+    """Bucket of ``xn`` in a pair-record table (``launch._pair_tables``).
+
+    PLAY=0 (uniform): ``RN(xn K + K)`` clamped to ``[0, 2K]``, by a magic-number FMA.
+    PLAY=2 (log): ``_bucket_index`` with 2^PNE buckets per binade from 2^-PELO, PNB / 2 per
+    sign (integer operations only).
+    PLAY=1 (per-binade): the exponent field of ``|xn|`` (clamped to the table's binades, one
+    bucket below and above them) and the sign select a word of ``lay`` holding the binade's
+    first bucket and how many mantissa bits it resolves (PNE is a power of two; ``lay`` is
+    read from a shared-memory copy with SMEM).
+    """
+    if PLAY == 0:
+        f = tl.fma(xn, PK, PK + 8388608.0)
+        f = tl.minimum(tl.maximum(f, 8388608.0), 8388608.0 + (PNB - 1))
+        idx = f.to(tl.int32, bitcast=True) - 0x4B000000
+    elif PLAY == 2:
+        idx = _bucket_index(xn, PNE, PELO, PNB // 2)
+    else:
+        xb = xn.to(tl.int32, bitcast=True)
+        mag = xb & 0x7FFFFFFF
+        e = tl.minimum(tl.maximum(mag >> 23, PELO - 1), PELO + PNE - 2)
+        li = e - (PELO - 1) + ((xb >> 31) & PNE)
+        if SMEM:
+            p = _smem_gather(tl.load(lay_ptr + tl.arange(0, 2 * PNE)), li)
+        else:
+            p = tl.load(lay_ptr + li)
+        idx = (p >> 5) + ((mag & 0x7FFFFF) >> (p & 31))
+    return idx
+
+
+@triton.jit
+def _pair_record(xn, rec_ptr, lay_ptr, SMEM: tl.constexpr, NTAB: tl.constexpr,
+                 PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr, PNE: tl.constexpr,
+                 PELO: tl.constexpr):  # fmt: skip
+    """The int64 record of ``xn``'s bucket, from global memory or a shared-memory copy."""
+    idx = _pair_index(xn, lay_ptr, SMEM, PLAY, PK, PNB, PNE, PELO)
+    if SMEM:
+        rec = _smem_gather(tl.load(rec_ptr + tl.arange(0, NTAB)), idx)
+    else:
+        rec = tl.load(rec_ptr + idx)
+    return rec
+
+
+@triton.jit
+def _value(xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
+           FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+           AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr,
+           LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr,
+           AXIS: tl.constexpr, SEARCH: tl.constexpr, BREF: tl.constexpr,
+           BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr, NTAB: tl.constexpr,
+           PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr, PNE: tl.constexpr,
+           PELO: tl.constexpr):  # fmt: skip
+    """``cb[code]`` of normalized values (fake quantization), fp32. For FAMILY=3 the sign
+    is carried as a bit: multiply by the scale with ``_scaled_output``."""
+    if FAMILY == 1:
+        _, lo, hi, up = _int_pair(xn, AM, AHI, ALO)
+        v = tl.where(up, hi, lo)
+    elif FAMILY == 2:
+        _, _, _, _, _, lo, hi, up = _float_pair(xn, AVM, AV2, AM, AEMIN, AHI, ALO)
+        v = tl.where(up, hi, lo)
+    elif FAMILY == 3:
+        t, _, _ = _element_round(tl.abs(xn), AVM, AM, AEMIN)
+        v = (t.to(tl.int32, bitcast=True) | (xn.to(tl.int32, bitcast=True) & -2147483648)).to(
+            tl.float32, bitcast=True
+        )
+    elif SEARCH >= 4:
+        rec = _pair_record(xn, rec_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE, PELO)
+        lo = rec.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (rec >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        v = tl.where(xn > (lo + hi) * 0.5, hi, lo)
+    else:
+        v = _levels(
+            xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, LOGP, REG_LEVELS, STEP,
+            AXIS, SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        )  # fmt: skip
+    return v
+
+
+@triton.jit
+def _scaled_output(v, s, FAMILY: tl.constexpr):
+    """``v * s`` in fp32; for FAMILY=3 as ``fma(v, s, +0)`` so that a negative value rounded to
+    zero gives +0 like the reference's ``grid[zero] * s``."""
+    if FAMILY == 3:  # noqa: SIM108 (constexpr branch, resolved when compiling)
+        y = tl.fma(v, tl.broadcast_to(s, v.shape), 0.0)
+    else:
+        y = v * s
+    return y
+
+
+@triton.jit
+def _code(xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+          FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+          AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+          ALAST: tl.constexpr,
+          LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr,
+          AXIS: tl.constexpr, SEARCH: tl.constexpr, BREF: tl.constexpr,
+          BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr, NTAB: tl.constexpr,
+          PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr, PNE: tl.constexpr,
+          PELO: tl.constexpr):  # fmt: skip
+    """Integer codes (positions in the sorted codebook) of normalized values."""
+    if FAMILY == 1:
+        jf, _, _, up = _int_pair(xn, AM, AHI, ALO)
+        code = (jf.to(tl.int32, bitcast=True) - 0x4B000000) + up.to(tl.int32)
+    elif FAMILY == 2:
+        sm, ec, cb, wb, down, _, _, up = _float_pair(xn, AVM, AV2, AM, AEMIN, AHI, ALO)
+        code = _float_code(sm, ec, cb, wb, down, up, AM, AEMIN, AZERO, ALAST)
+    elif FAMILY == 3:
+        _, sm, ec = _element_round(tl.abs(xn), AVM, AM, AEMIN)
+        mag = _element_rank(sm, ec, AM, AEMIN)
+        neg = xn.to(tl.int32, bitcast=True) >> 31
+        code = AZERO + ((mag ^ neg) - neg)
+    elif SEARCH >= 4:
+        rec = _pair_record(xn, btab_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE, PELO)
+        mid = rec.to(tl.int32).to(tl.float32, bitcast=True)
+        code = (rec >> 32).to(tl.int32) + (xn > mid).to(tl.int32)
+    else:
+        code = _codes(
+            xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, AXIS,
+            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        )  # fmt: skip
+    return code
+
+
+@triton.jit
 def _pack_groups(code, K: tl.constexpr, AXIS: tl.constexpr):
-    """Integer codes with a last axis of 8 (index AXIS) -> int64 words, code j at bits
-    [j*K, (j+1)*K). The bit fields are disjoint, so the sum is the bitwise or."""
-    shifts = (tl.arange(0, 8) * K).to(tl.int64)
-    return tl.sum(code.to(tl.int64) << shifts, axis=AXIS)
+    """Integer codes with a last axis of 8 (index AXIS) -> words, code j at bits
+    [j*K, (j+1)*K): int32 for K <= 4 (32-bit shifts and adds are single instructions), else
+    int64. The bit fields are disjoint, so the sum is the bitwise or."""
+    if K <= 4:
+        word = tl.sum(code << (tl.arange(0, 8) * K), axis=AXIS)
+    else:
+        shifts = (tl.arange(0, 8) * K).to(tl.int64)
+        word = tl.sum(code.to(tl.int64) << shifts, axis=AXIS)
+    return word
 
 
 @triton.jit
 def fused_fake_kernel(
-    x_ptr,
-    out_ptr,
-    tab_ptr,
-    rec_ptr,
-    btab_ptr,
-    bhi_ptr,
-    mid_ptr,
-    cb_ptr,
-    n,
-    B: tl.constexpr,
-    BP: tl.constexpr,
-    ROWS: tl.constexpr,
-    LOGP: tl.constexpr,
-    REG_LEVELS: tl.constexpr,
-    STEP: tl.constexpr,
-    SEARCH: tl.constexpr,
-    BREF: tl.constexpr,
-    BMLOW: tl.constexpr,
-    BELOW: tl.constexpr,
-    BNMAG: tl.constexpr,
-    NTAB: tl.constexpr,
-    SCALE_DT: tl.constexpr,
-    FASTDIV: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+    x_ptr, out_ptr, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr, gd_ptr, n,
+    B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
+    FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+    AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+    ALAST: tl.constexpr,
+    LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr, SEARCH: tl.constexpr,
+    BREF: tl.constexpr, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr,
+    NTAB: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr,
+    PNE: tl.constexpr, PELO: tl.constexpr,
+    SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
     """Fake quantization, one program = ROWS whole blocks of B values (padded to BP columns)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -319,16 +639,23 @@ def fused_fake_kernel(
     offs = rows[:, None] * B + cols[None, :]
     if MASKED:
         mask = (cols[None, :] < B) & (offs < n)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xin = tl.load(x_ptr + offs, mask=mask, other=0)
     else:
-        x = tl.load(x_ptr + offs).to(tl.float32)
-    s = _round_scale(tl.max(tl.abs(x), axis=1), SCALE_DT)
-    xn = _scaled(x, s[:, None], FASTDIV)
-    v = _levels(
-        xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, LOGP, REG_LEVELS, STEP, 2,
-        SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        xin = tl.load(x_ptr + offs)
+    x = _to_f32(xin)
+    if xin.dtype == tl.float16:  # exact in fp16, two values per instruction
+        absmax = tl.max(tl.abs(xin), axis=1).to(tl.float32)
+    else:
+        absmax = tl.max(tl.abs(x), axis=1)
+    s, stored = _block_scale(absmax, gd_ptr, SCALE_DT, EMAX)
+    sd, r, k = _reciprocal(s, stored, DIV)
+    xn = _divide(x, sd[:, None], r[:, None], k[:, None], gd_ptr, DIV)
+    v = _value(
+        xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
+        FAMILY, AM, AEMIN, AVM, AV2, AHI, ALO, LOGP, REG_LEVELS, STEP, 2, SEARCH, BREF, BMLOW,
+        BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
     )  # fmt: skip
-    y = _to_out(v * s[:, None], out_ptr.dtype.element_ty)
+    y = _to_out(_scaled_output(v, s[:, None], FAMILY), out_ptr.dtype.element_ty)
     if MASKED:
         tl.store(out_ptr + offs, y, mask=mask)
     else:
@@ -337,35 +664,19 @@ def fused_fake_kernel(
 
 @triton.jit
 def fused_pack_kernel(
-    x_ptr,
-    out_ptr,
-    scale_ptr,
-    tab_ptr,
-    rec_ptr,
-    btab_ptr,
-    mid_ptr,
-    n,
-    nblocks,
-    nbytes,
-    B: tl.constexpr,
-    BP: tl.constexpr,
-    ROWS: tl.constexpr,
-    LOGP: tl.constexpr,
-    REG_LEVELS: tl.constexpr,
-    STEP: tl.constexpr,
-    SEARCH: tl.constexpr,
-    BREF: tl.constexpr,
-    BMLOW: tl.constexpr,
-    BELOW: tl.constexpr,
-    BNMAG: tl.constexpr,
-    NTAB: tl.constexpr,
-    SCALE_DT: tl.constexpr,
-    FASTDIV: tl.constexpr,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    WORDS: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+    x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+    gd_ptr, n, nblocks, nbytes,
+    B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
+    FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+    AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+    ALAST: tl.constexpr,
+    LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr, SEARCH: tl.constexpr,
+    BREF: tl.constexpr, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr,
+    NTAB: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr,
+    PNE: tl.constexpr, PELO: tl.constexpr,
+    SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
     """Block scales and packed codes; the tile is [ROWS, BP // 8, 8] (B % 8 == 0), so each
     group of 8 codes is packed without moving data between threads.
 
@@ -379,20 +690,28 @@ def fused_pack_kernel(
     offs = rows[:, None, None] * B + col
     if MASKED:
         mask = (col < B) & (offs < n)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xin = tl.load(x_ptr + offs, mask=mask, other=0)
     else:
-        x = tl.load(x_ptr + offs).to(tl.float32)
-    s = _round_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=1), SCALE_DT)
-    xn = _scaled(x, s[:, None, None], FASTDIV)
-    code = _codes(
-        xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, 3,
-        SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        xin = tl.load(x_ptr + offs)
+    x = _to_f32(xin)
+    if xin.dtype == tl.float16:  # exact in fp16, two values per instruction
+        absmax = tl.max(tl.max(tl.abs(xin), axis=2), axis=1).to(tl.float32)
+    else:
+        absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    s, stored = _block_scale(absmax, gd_ptr, SCALE_DT, EMAX)
+    sd, r, k = _reciprocal(s, stored, DIV)
+    xn = _divide(x, sd[:, None, None], r[:, None, None], k[:, None, None], gd_ptr, DIV)
+    code = _code(
+        xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+        FAMILY, AM, AEMIN, AVM, AV2, AHI, ALO, AZERO, ALAST, LOGP, REG_LEVELS, STEP, 3, SEARCH,
+        BREF, BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
     )  # fmt: skip
+    st = _to_out(stored, scale_ptr.dtype.element_ty)
     if MASKED:
         code = tl.where(mask, code, 0)
-        tl.store(scale_ptr + rows, s.to(scale_ptr.dtype.element_ty), mask=rows < nblocks)
+        tl.store(scale_ptr + rows, st, mask=rows < nblocks)
     else:
-        tl.store(scale_ptr + rows, s.to(scale_ptr.dtype.element_ty))
+        tl.store(scale_ptr + rows, st)
     words = _pack_groups(code, K, 2)
     gidx = rows[:, None] * (B // 8) + grp[None, :]
     if WORDS:
@@ -403,7 +722,7 @@ def fused_pack_kernel(
             tl.store(out_ptr + gidx, w)
     else:
         b = tl.arange(0, KP)
-        byte = ((words[:, :, None] >> (b * 8).to(tl.int64)[None, None, :]) & 255).to(tl.uint8)
+        byte = ((words[:, :, None] >> (b * 8).to(words.dtype)[None, None, :]) & 255).to(tl.uint8)
         pos = gidx[:, :, None] * K + b[None, None, :]
         ok = (b[None, None, :] < K) & (grp[None, :, None] * 8 < B) & (pos < nbytes)
         tl.store(out_ptr + pos, byte, mask=ok)
@@ -416,7 +735,7 @@ def absmax_partial_kernel(x_ptr, part_ptr, n, block, nchunks, C: tl.constexpr):
     blk = pid // nchunks
     col = (pid % nchunks) * C + tl.arange(0, C)
     offs = blk * block + col
-    x = tl.load(x_ptr + offs, mask=(col < block) & (offs < n), other=0.0).to(tl.float32)
+    x = _to_f32(tl.load(x_ptr + offs, mask=(col < block) & (offs < n), other=0))
     tl.store(part_ptr + pid, tl.max(tl.abs(x), axis=0))
 
 
@@ -430,59 +749,66 @@ def _block_index(offs, block, BLOG: tl.constexpr):
 
 @triton.jit
 def flat_kernel(
-    x_ptr,
-    out_ptr,
-    s_ptr,
-    tab_ptr,
-    rec_ptr,
-    btab_ptr,
-    bhi_ptr,
-    mid_ptr,
-    cb_ptr,
-    n,
-    block,
-    nbytes,
-    G: tl.constexpr,
-    BLOG: tl.constexpr,
-    LOGP: tl.constexpr,
-    REG_LEVELS: tl.constexpr,
-    STEP: tl.constexpr,
-    SEARCH: tl.constexpr,
-    BREF: tl.constexpr,
-    BMLOW: tl.constexpr,
-    BELOW: tl.constexpr,
-    BNMAG: tl.constexpr,
-    NTAB: tl.constexpr,
-    PACK: tl.constexpr,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-):
-    """Second pass with precomputed fp32 scales: G groups of 8 consecutive values per program."""
+    x_ptr, out_ptr, s_ptr, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
+    n, block, nbytes,
+    G: tl.constexpr, BLOG: tl.constexpr,
+    FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+    AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+    ALAST: tl.constexpr,
+    LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr, SEARCH: tl.constexpr,
+    BREF: tl.constexpr, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr,
+    NTAB: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr,
+    PNE: tl.constexpr, PELO: tl.constexpr,
+    PACK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+):  # fmt: skip
+    """Second pass with precomputed fp32 scales: G groups of 8 consecutive values per program.
+    The division is ``div_rn`` (exact for every scale, MX powers of two included)."""
     pid = tl.program_id(0).to(tl.int64)
     g = pid * G + tl.arange(0, G)
     j = tl.arange(0, 8)
     offs = g[:, None] * 8 + j[None, :]
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _to_f32(tl.load(x_ptr + offs, mask=mask, other=0))
     s = tl.load(s_ptr + _block_index(offs, block, BLOG), mask=mask, other=0.0)
-    xn = _normalize(x, s)
+    xn = _divide(x, s, s, s, s_ptr, 0)
     if not PACK:
-        v = _levels(
-            xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, LOGP, REG_LEVELS, STEP, 2,
-            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        v = _value(
+            xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
+            FAMILY, AM, AEMIN, AVM, AV2, AHI, ALO, LOGP, REG_LEVELS, STEP, 2, SEARCH, BREF, BMLOW,
+            BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
         )  # fmt: skip
-        y = _to_out(v * s, out_ptr.dtype.element_ty)
+        y = _to_out(_scaled_output(v, s, FAMILY), out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, y, mask=mask)
     else:
-        code = _codes(
-            xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, 2,
-            SEARCH, BREF, BMLOW, BELOW, BNMAG, NTAB,
+        code = _code(
+            xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+            FAMILY, AM, AEMIN, AVM, AV2, AHI, ALO, AZERO, ALAST, LOGP, REG_LEVELS, STEP, 2, SEARCH,
+            BREF, BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
         )  # fmt: skip
         words = _pack_groups(tl.where(mask, code, 0), K, 1)
         b = tl.arange(0, KP)
-        byte = ((words[:, None] >> (b * 8).to(tl.int64)[None, :]) & 255).to(tl.uint8)
+        byte = ((words[:, None] >> (b * 8).to(words.dtype)[None, :]) & 255).to(tl.uint8)
         pos = g[:, None] * K + b[None, :]
         tl.store(out_ptr + pos, byte, mask=(b[None, :] < K) & (pos < nbytes))
+
+
+@triton.jit
+def division_check_kernel(x_ptr, s_ptr, lim_ptr, out_ptr, NX: tl.constexpr, DIV: tl.constexpr):
+    """Division mode DIV against div_rn for scale ``s[pid0]`` and NX values of ``x``:
+    adds the number of differing quotients (+0 and -0 count as equal) to ``out[0]`` and
+    raises ``out[1]`` to the largest |quotient| among them; only ``|x| <= lim[pid0]`` count."""
+    i = tl.program_id(0)
+    s = tl.load(s_ptr + i + tl.zeros([1], tl.int32))
+    lim = tl.load(lim_ptr + i + tl.zeros([1], tl.int32))
+    x = _to_f32(tl.load(x_ptr + tl.program_id(1) * NX + tl.arange(0, NX)))
+    sd, r, k = _reciprocal(s, s, DIV)
+    fast = _divide(x, sd, r, k, s_ptr, DIV)
+    ref = _divide(x, s, s, s, s_ptr, 0)
+    diff = fast.to(tl.int32, bitcast=True) != ref.to(tl.int32, bitcast=True)
+    diff = diff & ((fast != 0.0) | (ref != 0.0)) & (tl.abs(x) <= lim)
+    big = tl.where(diff, tl.maximum(tl.abs(fast), tl.abs(ref)), 0.0)
+    tl.atomic_add(out_ptr, tl.sum(diff.to(tl.float32), axis=0))
+    tl.atomic_max(out_ptr + 1, tl.max(big, axis=0))
 
 
 @triton.jit

@@ -31,6 +31,12 @@ rule lock_models:
 rule aggregate:
     input:
         evals=ALL_EVALS,
+        # per-(model, spec) features (SQNR per layer type, counts) joined onto the runs
+        features=(
+            [f"{R}/features/{m}/specs.parquet" for m in MODELS]
+            if STUDY.config["predict"]["enabled"]
+            else []
+        ),
     output:
         scores=report(
             f"{R}/tables/scores.parquet",
@@ -39,6 +45,16 @@ rule aggregate:
         ),
         runs=report(
             f"{R}/tables/runs.parquet",
+            caption="../report/runs.rst",
+            category="Tables",
+        ),
+        scores_html=report(
+            f"{R}/tables/scores.html",
+            caption="../report/scores.rst",
+            category="Tables",
+        ),
+        runs_html=report(
+            f"{R}/tables/runs.html",
             caption="../report/runs.rst",
             category="Tables",
         ),
@@ -85,7 +101,7 @@ rule figures:
     output:
         dir=report(
             directory(f"{R}/figures"),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.html"],
             caption="../report/figures.rst",
             category="Figures",
         ),
@@ -105,11 +121,56 @@ rule claims:
         fits=f"{R}/laws/fits.parquet",
         optimal=f"{R}/laws/optimal.parquet",
         bootstrap=f"{R}/laws/bootstrap.parquet",
+        # the mixed-precision tables, for findings M1-M3
+        extra=(
+            [
+                f"{R}/mixed/{name}.parquet"
+                for name in ("mixed_curves", "mixed_qrmax", "mixed_law1", "mixed_law2")
+            ]
+            if MIXED_QUANTS
+            else []
+        ),
     output:
-        report(f"{R}/claims.md", caption="../report/claims.rst", category="Claims"),
+        md=report(f"{R}/claims.md", caption="../report/claims.rst", category="Claims"),
+        html=report(
+            f"{R}/claims.html", caption="../report/claims.rst", category="Claims"
+        ),
     log:
         f"{R}/logs/claims.log",
     conda:
         "../../environment.yml"
     script:
         "../scripts/claims.py"
+
+
+if MIXED_QUANTS:
+
+    localrules:
+        mixed_analysis,
+
+    rule mixed_analysis:
+        input:
+            scores=f"{R}/tables/scores.parquet",
+            bootstrap=f"{R}/laws/bootstrap.parquet",
+        output:
+            curves=f"{R}/mixed/mixed_curves.parquet",
+            qrmax=f"{R}/mixed/mixed_qrmax.parquet",
+            law1=f"{R}/mixed/mixed_law1.parquet",
+            law2=f"{R}/mixed/mixed_law2.parquet",
+            claims=report(
+                f"{R}/mixed/claims.md",
+                caption="../report/mixed.rst",
+                category="Mixed precision",
+            ),
+            figures=report(
+                directory(f"{R}/mixed/figures"),
+                patterns=["{name}.png"],
+                caption="../report/mixed.rst",
+                category="Mixed precision",
+            ),
+        log:
+            f"{R}/logs/mixed_analysis.log",
+        conda:
+            "../../environment.yml"
+        script:
+            "../scripts/mixed_analysis.py"

@@ -41,9 +41,23 @@ def task_inputs(tasks):
     return [f"{RES}/tasks/{t}/{t}.yaml" for t in tasks if t in LOCAL_TASKS]
 
 
-def gpu_count(wildcards):
-    """GPU rules ask for one GPU unless the study is pinned to the CPU."""
-    return 0 if STUDY.config["eval"]["device"] == "cpu" else 1
+def gpu_count(wildcards, weight_copies=2):
+    """GPUs of a job: none when pinned to the CPU, else what the model's weights need (the
+    evaluation keeps a copy of the original weights to restore between specs)."""
+    if STUDY.config["eval"]["device"] == "cpu":
+        return 0
+    from kbit.devices import gpus_needed
+
+    return gpus_needed(
+        STUDY.params(wildcards.model),
+        STUDY.config["eval"]["dtype"],
+        int(STUDY.config["eval"]["gpu_memory_gb"] * 2**30),
+        weight_copies=weight_copies,
+    )
+
+
+def gpu_count_quantize(wildcards):
+    return gpu_count(wildcards, weight_copies=1)
 
 
 def mem_mb(wildcards, attempt):

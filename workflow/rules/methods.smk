@@ -13,7 +13,7 @@ rule tokens:
     log:
         f"{R}/logs/tokens/{{model}}/{{purpose}}.log",
     wildcard_constraints:
-        purpose="gptq|mixed",
+        purpose="gptq|mixed|landscape",
     conda:
         "../../environment.yml"
     params:

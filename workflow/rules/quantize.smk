@@ -15,7 +15,7 @@ rule quantize:
     conda:
         "../../environment.yml"
     resources:
-        gpu=gpu_count,
+        gpu=gpu_count_quantize,
         mem_mb=mem_mb,
         runtime=runtime_min,
     params:

@@ -1,14 +1,31 @@
-"""Scores + law tables -> claims.md: each finding of the paper tested on this run."""
+"""Scores + law tables -> claims.md (and claims.html): each finding of the paper tested.
+
+Findings of other modules listed in ``kbit.analysis.claims.FINDING_MODULES`` are loaded first;
+``params.findings`` (optional) restricts the check to those names or numbers.
+"""
+
+from pathlib import Path
 
 import pandas as pd
 
-from kbit.analysis.claims import check_claims, render_claims
+from kbit.analysis.claims import check_claims, load_findings
 from kbit.analysis.laws import LAW_NAMES
-from kbit.io import write_text
-from kbit.logs import setup_logging
+from kbit.analysis.report import write_claims
+from kbit.logs import job
 
-log = setup_logging(snakemake.log[0])
-laws = {name: pd.read_parquet(snakemake.input[name]) for name in LAW_NAMES}
-claims = check_claims(pd.read_parquet(snakemake.input.scores), laws, laws["bootstrap"])
-write_text(render_claims(claims), snakemake.output[0])
-log.info("claims: %s", {c.number: c.verdict for c in claims})
+with job(snakemake) as log:
+    load_findings()
+    laws = {name: pd.read_parquet(snakemake.input[name]) for name in LAW_NAMES}
+    # tables of other systems (mixed precision), named by their file stems
+    for path in snakemake.input.get("extra", []):
+        laws[Path(path).stem] = pd.read_parquet(path)
+    claims = check_claims(
+        pd.read_parquet(snakemake.input.scores),
+        laws,
+        laws["bootstrap"],
+        select=snakemake.params.get("findings") or None,
+    )
+    write_claims(
+        claims, snakemake.output.get("md", snakemake.output[0]), snakemake.output.get("html")
+    )
+    log.info("claims: %s", {c.number: c.verdict for c in claims})

@@ -4,11 +4,11 @@ import pandas as pd
 
 from kbit.analysis.figures import make_figures
 from kbit.analysis.laws import LAW_NAMES
-from kbit.logs import setup_logging
+from kbit.logs import job
 
-log = setup_logging(snakemake.log[0])
-laws = {name: pd.read_parquet(snakemake.input[name]) for name in LAW_NAMES}
-paths = make_figures(
-    pd.read_parquet(snakemake.input.scores), laws, snakemake.output.dir, snakemake.output.index
-)
-log.info("%d figure files written to %s", len(paths), snakemake.output.dir)
+with job(snakemake) as log:
+    laws = {name: pd.read_parquet(snakemake.input[name]) for name in LAW_NAMES}
+    paths = make_figures(
+        pd.read_parquet(snakemake.input.scores), laws, snakemake.output.dir, snakemake.output.index
+    )
+    log.info("%d figure files written to %s", len(paths), snakemake.output.dir)

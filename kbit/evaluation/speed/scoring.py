@@ -722,8 +722,8 @@ class FastLM(CudaGraphs, ScoringLM):
         fit_rows = (usable - per_row) // max(1, activation_bytes(self.model, 1, width))
         if n_rows > 1 and fit_rows >= 1:
             fixes.append(f"lower the batch size to {fit_rows} or less")
-        fit_width = (usable - per_row) // max(1, activation_bytes(self.model, 1, 1))
-        if fit_width >= 2:
+        fit_width = (usable - per_row) // max(1, activation_bytes(self.model, n_rows, 1))
+        if 2 <= fit_width < width:
             fixes.append(f"lower {length_setting} to {fit_width} tokens or less")
         fixes.append("use a device with more memory")
         return (
