@@ -351,6 +351,9 @@ def claim_gpus(
             "uses CUDA, or set CUDA_VISIBLE_DEVICES before the job starts"
         )
     pool = list(gpu_pool(env) if pool is None else pool)
+    if not pool:  # no GPU here at all: a study with eval.device auto runs on the CPU
+        logger.info("GPUs: none on this machine; the job runs on the CPU")
+        return Claim((), "none")
     if len(pool) < n:
         raise GpuSlotError(
             f"the job needs {n} GPU(s) but the pool has {len(pool)} ({','.join(pool) or 'none'}; "
@@ -396,7 +399,7 @@ def claim_gpus(
 
 def job_gpus(smk: Any) -> int:
     """The GPUs a Snakemake job asked for (``resources.gpu``; 0 when the rule names none)."""
-    value = getattr(smk.resources, "gpu", 0) or 0
+    value = getattr(getattr(smk, "resources", None), "gpu", 0) or 0
     try:
         return int(value)
     except (TypeError, ValueError):

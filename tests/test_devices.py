@@ -143,6 +143,12 @@ def test_no_gpu_job_claims_nothing(lockdir):
     assert claim.devices == () and claim.source == "none" and env == {}
 
 
+def test_a_machine_without_gpus_runs_gpu_jobs_on_the_cpu(lockdir):
+    """eval.device auto on a CPU machine: a GPU rule's job claims nothing and goes on."""
+    claim, env = _claim(1, lockdir, pool=())
+    assert claim.devices == () and claim.source == "none" and env == {}
+
+
 def test_more_gpus_than_the_pool_fails_at_once(lockdir):
     t0 = time.monotonic()
     with pytest.raises(GpuSlotError, match=r"needs 4 GPU.*pool has 3"):

@@ -306,9 +306,9 @@ def _run_script(name: str, config: dict, **fields: object) -> None:
     smk = _Named(
         config=config,
         wildcards=_Named(fields.get("wildcards", {})),
-        input=fields["input"] if isinstance(fields.get("input"), list) else _Named(
-            fields.get("input", {})
-        ),
+        input=fields["input"]
+        if isinstance(fields.get("input"), list)
+        else _Named(fields.get("input", {})),
         params=_Named(fields.get("params", {})),
         output=fields["output"],
         log=list(fields["log"]),
@@ -390,9 +390,10 @@ def test_workflow_scripts(setup: dict) -> None:
     # a changed setting is a fresh cache entry for the tasks it concerns only
     config["eval"]["task_limits"] = {"piqa": 1}
     evaluate(["fp16", "int4-b64"], batched)
-    assert "4 of 6 (quant, task) files cached, 2 to evaluate" in batched.with_suffix(
-        ".log"
-    ).read_text()
+    assert (
+        "4 of 6 (quant, task) files cached, 2 to evaluate"
+        in batched.with_suffix(".log").read_text()
+    )
     assert len(publish(batched, "fp16", "piqa")) == 1
     # a failing job says what to do on the first line of its log, with the traceback below
     bad = tmp / "bad.json"

@@ -217,7 +217,10 @@ def test_winogrande_partial_scoring(real_tasks):
 @needs_real
 def test_winogrande_answers_match_labels_file(real_work, real_tasks):
     labels = (REAL_EVAL / "winogrande" / "dev-labels.lst").read_text().split()
-    docs = [json.loads(ln) for ln in (real_work / "winogrande" / "winogrande.jsonl").read_text().splitlines()]
+    docs = [
+        json.loads(ln)
+        for ln in (real_work / "winogrande" / "winogrande.jsonl").read_text().splitlines()
+    ]
     assert [d["answer"] for d in docs] == labels
     assert set(docs[0]) == {"sentence", "option1", "option2", "answer"}
 

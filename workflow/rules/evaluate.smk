@@ -97,10 +97,12 @@ rule publish_eval:
     input:
         manifest_of,
     output:
-        f"{R}/evals/{{model}}/{{quant}}/{{task}}.parquet",
+        [f"{R}/evals/{{model}}/{{quant}}/{t}.parquet" for t in TASKS],
     log:
-        f"{R}/logs/publish/{{model}}/{{quant}}/{{task}}.log",
+        f"{R}/logs/publish/{{model}}/{{quant}}.log",
     conda:
         "../../environment.yml"
+    params:
+        tasks=TASKS,
     script:
         "../scripts/publish_eval.py"

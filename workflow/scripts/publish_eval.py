@@ -1,8 +1,10 @@
-"""Publish one (model, quant, task) evaluation file from the cache its job's manifest names."""
+"""Publish the evaluation files of one (model, quant), every task, from the cache its job's
+manifest names (atomic copies)."""
 
 from kbit.evaluation.resume import publish
 from kbit.logs import job
 
 with job(snakemake, watch=False):
     w = snakemake.wildcards
-    publish(snakemake.input[0], w.quant, w.task, snakemake.output[0])
+    for task, out in zip(snakemake.params.tasks, snakemake.output, strict=True):
+        publish(snakemake.input[0], w.quant, task, out)
