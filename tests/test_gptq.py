@@ -550,25 +550,23 @@ def test_qtensor_round_trips_through_state_dict(tmp_path) -> None:
         assert torch.equal(back.dequantize(), q.dequantize())
 
 
-def test_artifact_round_trip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GPTQ model written by kbit.artifact loads back to exactly the in-place weights."""
+def test_artifact_round_trip(tmp_path) -> None:
+    """A GPTQ model written by kbit.artifact (with its calibration tokens) loads back to exactly
+    the weights GPTQ gives in place on the same model and tokens."""
     import kbit.artifact as artifact
 
     spec = QuantSpec.parse("nf4-b40-gptq")
     model_dir = tiny_model_dir("llama", tmp_path)
-    done = {}
-
-    def gptq_instead(model, spec, on_tensor=None, **kw):
-        rows, _ = gptq_quantize_model(model, spec, _calibration(model), on_tensor=on_tensor, **kw)
-        done["model"] = model
-        return rows
-
-    monkeypatch.setattr(artifact, "quantize_model", gptq_instead)
-    meta = artifact.quantize_to_artifact(model_dir, spec, tmp_path / "art")
+    direct = tiny_model("llama")  # the weights tiny_model_dir saved
+    calibration = _calibration(direct)
+    gptq_quantize_model(direct, spec, calibration)
+    meta = artifact.quantize_to_artifact(
+        model_dir, spec, tmp_path / "art", dtype=torch.float32, calibration=calibration
+    )
     assert meta["quant"] == "nf4-b40-gptq"
-    fresh = tiny_model("llama")  # the weights tiny_model_dir saved
+    fresh = tiny_model("llama")
     artifact.load_artifact(tmp_path / "art", fresh)
-    expected = dict(done["model"].named_parameters(remove_duplicate=False))
+    expected = dict(direct.named_parameters(remove_duplicate=False))
     assert any(
         not torch.equal(p, fresh.get_parameter(n))
         for n, p in tiny_model("llama").named_parameters()

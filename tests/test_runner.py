@@ -295,9 +295,14 @@ def test_artifact_job_equals_batched(setup: dict) -> None:
 
 
 class _Named(dict):
-    """The attribute-and-get access of Snakemake's input/params/wildcards objects."""
+    """The attribute-and-get access of Snakemake's input/params/wildcards objects (a missing
+    attribute is an AttributeError, as there, so ``getattr(x, name, default)`` works)."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str) -> object:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _run_script(name: str, config: dict, **fields: object) -> None:
@@ -312,6 +317,8 @@ def _run_script(name: str, config: dict, **fields: object) -> None:
         params=_Named(fields.get("params", {})),
         output=fields["output"],
         log=list(fields["log"]),
+        rule=name.removesuffix(".py"),
+        resources=_Named(fields.get("resources", {})),
     )
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "workflow" / "scripts" / name),
                    init_globals={"snakemake": smk})  # fmt: skip
@@ -366,8 +373,9 @@ def test_workflow_scripts(setup: dict) -> None:
     def publish(manifest: Path, quant: str, task: str) -> pd.DataFrame:
         out = tmp / "evals" / manifest.stem / quant / f"{task}.parquet"
         _run_script(
-            "publish_eval.py", config, wildcards={"model": "tiny", "quant": quant, "task": task},
+            "publish_eval.py", config, wildcards={"model": "tiny", "quant": quant},
             input=[str(manifest)], output=[str(out)], log=[str(tmp / "publish.log")],
+            params={"tasks": [task]},
         )  # fmt: skip
         return pd.read_parquet(out)
 

@@ -85,12 +85,18 @@ def test_pickle_only_repository_is_refused(tmp_path, monkeypatch):
 
     def fake_snapshot(repo_id, revision, allow_patterns, local_dir):
         (Path(local_dir) / "config.json").write_text("{}")
+        return str(local_dir)  # as huggingface_hub does
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(sources, "_hub_pickle_files", lambda *a: ["pytorch_model.bin"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: the hub lists the pickles
     with pytest.raises(ModelSourceError, match=r"no safetensors.*pytorch_model\.bin.*refused"):
         download_hub_model("org/old-model", "main", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    # offline, the listing is not asked for, and the refusal still says why
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match=r"no safetensors weights\. Pickle.*refused"):
+        download_hub_model("org/old-model", "main", tmp_path / "m")
 
 
 def test_gguf_errors_name_the_file_or_package(tmp_path):

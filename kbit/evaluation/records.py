@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from kbit.io import write_table
 
 DOC_COLUMNS = (
     "doc_id",
@@ -144,9 +144,8 @@ _LIST_TYPES = {
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``df`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``df`` to ``path`` atomically with the user's umask (:mod:`kbit.io`), its list
+    columns typed explicitly so that an empty or all-null column keeps its schema."""
     fields = []
     for col in df.columns:
         if col in _LIST_TYPES:
@@ -154,12 +153,4 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         else:
             fields.append(pa.Schema.from_pandas(df[[col]], preserve_index=False).field(col))
     table = pa.Table.from_pandas(df, schema=pa.schema(fields), preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_table(table, path)
