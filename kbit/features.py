@@ -46,7 +46,8 @@ profile and 14-16 s for the trace per model. Per-(model, spec) features cost one
 the weights and no pass (0.08-0.11 s for int4-b64 on the same models). On one H200 (randomly
 initialised GPT-NeoX models of Pythia's shapes, 8 x 512 calibration tokens, defaults): 162M
 parameters in float32, 0.98 s for the 25 passes and 2.2 s for the 8 HVPs, 15.5 GiB peak memory;
-405M in bfloat16, 0.85 s and 2.05 s, 24.9 GiB. Same numbers twice, weights restored bit for bit.
+405M in bfloat16, 0.85 s and 2.05 s, 24.9 GiB (then with the whole batch of 8 in one HVP term;
+now one sequence per term, ``HVP_BATCH``). Same numbers twice, weights restored bit for bit.
 
 Everything is seeded and deterministic for a given device: the noise of seed ``s`` comes from a
 generator seeded with ``s`` on the weight's device, drawn tensor by tensor in model order.
@@ -104,6 +105,11 @@ DEFAULT_PROBES = 8
 #: relative loss rises whose radius summarises the profile (1% and 10%)
 DEFAULT_RISES = (0.01, 0.1)
 DEFAULT_BATCH = 8
+#: sequences per Hessian-vector-product term. Double backpropagation keeps several logits-sized
+#: tensors of a term alive (8 x 512 tokens over a 50k vocabulary: about 0.8 GB each, 5-6 GB in
+#: all), so each sequence is its own term: the HVP of the sum is the sum of the terms' HVPs, only
+#: the order of the float additions changes, and memory holds one sequence's graph.
+HVP_BATCH = 1
 
 _LEAF_TYPES = {
     "attn_qkv": {"query_key_value", "c_attn", "qkv_proj", "wqkv", "qkv"},
@@ -680,7 +686,8 @@ def hessian_trace(
     """Hutchinson trace of the Hessian of :func:`mean_nll` w.r.t. the selected weights.
 
     Cost: ``n_probes`` Hessian-vector products over the whole calibration tensor (module
-    docstring). Runs in evaluation mode with attention on the math backend (double backward).
+    docstring), ``HVP_BATCH`` sequences at a time. Runs in evaluation mode with attention on the
+    math backend (double backward).
     """
     _check_tokens(tokens)
     tokens = tokens.to(_device(model))
@@ -689,7 +696,7 @@ def hessian_trace(
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
 
     def loss_terms() -> Iterator[torch.Tensor]:
-        for batch in _batches(tokens, batch_size):
+        for batch in _batches(tokens, min(batch_size, HVP_BATCH)):
             yield _nll_sum(model, batch) / n_tokens
 
     start = time.perf_counter()
