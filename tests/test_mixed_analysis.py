@@ -252,6 +252,17 @@ def test_too_few_models_is_not_enough_data() -> None:
     assert v == {"M1": NA, "M2": NA, "M3": NA}
 
 
+def test_a_zero_width_interval_decides_nothing() -> None:
+    """One model scored on one document: every bootstrap replicate is the same number, so a
+    difference has no interval and must not be called significant either way."""
+    from kbit.analysis.mixed import Part
+
+    one_doc = Part("one document", -0.03, (-0.03, -0.03), None, +1.0, 0.01)
+    assert not one_doc.testable and not one_doc.supports and not one_doc.contradicts
+    spread = Part("many documents", -0.03, (-0.05, -0.02), None, +1.0, 0.01)
+    assert spread.testable and spread.contradicts
+
+
 # --------------------------------------------------------------------------- real bootstrap
 def test_document_bootstrap_feeds_the_analysis() -> None:
     """Per-document WikiText rows through bootstrap_points: paired Delta intervals are tight."""

@@ -574,9 +574,12 @@ class Part:
 
     @property
     def _intervals(self) -> list[tuple[float, float]]:
+        """The finite intervals of non-zero width. A zero-width bootstrap interval comes from a
+        single resampling unit (one document: every replicate is the same number), which says
+        nothing about uncertainty, so it cannot make a difference significant."""
         out = []
         for iv in (self.boot, self.t):
-            if iv is not None and np.isfinite(iv).all():
+            if iv is not None and np.isfinite(iv).all() and iv[1] > iv[0]:
                 out.append(iv)
         return out
 
