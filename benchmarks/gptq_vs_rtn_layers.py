@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kbit.gptq import gptq_layer
+from kbit.gptq import _add_hessian, gptq_layer
 from kbit.io import write_json, write_text
 from kbit.loading import load_causal_lm
 
@@ -56,9 +56,10 @@ def layer_hessians(
                 linears[key] = mod
 
                 def hook(m, args, _out, key=key):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    h = 2.0 * x.T @ x
-                    hess[key] = hess[key] + h if key in hess else h
+                    if key not in hess:
+                        n = args[0].shape[-1]
+                        hess[key] = torch.zeros(n, n, dtype=torch.float32)
+                    _add_hessian(hess[key], args[0])  # GPTQ's own accumulation
 
                 handles.append(mod.register_forward_hook(hook))
     with torch.no_grad():

@@ -681,13 +681,13 @@ def hessian_trace(
     n_probes: int = DEFAULT_PROBES,
     seed: int = 0,
     which: str | Sequence[str] = "blocks",
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = HVP_BATCH,
 ) -> TraceEstimate:
     """Hutchinson trace of the Hessian of :func:`mean_nll` w.r.t. the selected weights.
 
     Cost: ``n_probes`` Hessian-vector products over the whole calibration tensor (module
-    docstring), ``HVP_BATCH`` sequences at a time. Runs in evaluation mode with attention on the
-    math backend (double backward).
+    docstring), ``batch_size`` sequences per term (``HVP_BATCH``: memory, not speed, binds).
+    Runs in evaluation mode with attention on the math backend (double backward).
     """
     _check_tokens(tokens)
     tokens = tokens.to(_device(model))
@@ -696,7 +696,7 @@ def hessian_trace(
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
 
     def loss_terms() -> Iterator[torch.Tensor]:
-        for batch in _batches(tokens, min(batch_size, HVP_BATCH)):
+        for batch in _batches(tokens, batch_size):
             yield _nll_sum(model, batch) / n_tokens
 
     start = time.perf_counter()
@@ -749,7 +749,7 @@ def landscape_features(
     }
     trace = None
     if n_probes > 0:
-        trace = hessian_trace(model, tokens, n_probes, seed, which, batch_size)
+        trace = hessian_trace(model, tokens, n_probes, seed, which)
         summary.update(trace.as_dict())
         summary["seconds_hessian"] = trace.seconds
     else:
