@@ -150,6 +150,60 @@ def test_gptq_claim_prefers_the_gptq_convention(kind, verdict):
         assert re.search(r"pythia-3 2-bit GPTQ 9\.[12]\d vs 3-bit float (9\.9|10\.0)", text)
 
 
+def _gptq_diverged(scores: pd.DataFrame, which) -> pd.DataFrame:
+    """Flag as diverged (perplexity 1e7) the wikitext2_gptq runs that ``which(row)`` selects,
+    on every target of the run, as the evaluation step does."""
+    gt = scores[scores["target"] == GPTQ_PERPLEXITY]
+    runs = {(r["model"], r["quant"]) for r in gt.to_dict("records") if which(r)}
+    hit = np.array([k in runs for k in zip(scores["model"], scores["quant"], strict=True)])
+    out = scores.assign(diverged=scores.get("diverged", False) | hit)
+    out.loc[hit & (out["target"] == GPTQ_PERPLEXITY).to_numpy(), "value"] = 1e7
+    return out
+
+
+def _is(method: str, bits: int, blocked: bool):
+    return lambda r: (
+        r["method"] == method and r["bits"] == bits and pd.notna(r["block_size"]) == blocked
+    )
+
+
+def test_gptq_claim_counts_a_diverged_gptq_run_against_gptq():
+    """2-bit GPTQ broke down at every block size while 3-bit float did not (SmolLM2-135M's
+    outcome): GPTQ is worse with blocks, without any interval, so the finding fails."""
+    a = analysed("paper")
+    scores = _gptq_diverged(_with_gptq_perplexity(a, "table"), _is("gptq", 2, True))
+    (c,) = _check(a, scores=scores, select=[11])
+    text = " ".join(c.evidence)
+    assert c.verdict == FAILS, text
+    assert "B=64 (wikitext2_gptq:perplexity)" in text and "GPTQ diverged, float did not" in text
+    assert "2-bit GPTQ 1e+07 vs 3-bit float" in text
+
+
+def test_gptq_claim_diverged_runs_decide_per_tensor_and_both_diverged_decide_nothing():
+    a = analysed("paper")
+    base = _with_gptq_perplexity(a, "table")
+    # per tensor GPTQ broke down, float did not: GPTQ not better per tensor, as the paper says
+    (c,) = _check(a, scores=_gptq_diverged(base, _is("gptq", 2, False)), select=[11])
+    assert c.verdict == HOLDS, c.evidence
+    # per-tensor float broke down and GPTQ did not: GPTQ better without blocks -> fails
+    (c,) = _check(a, scores=_gptq_diverged(base, _is("rtn", 3, False)), select=[11])
+    assert c.verdict == FAILS, c.evidence
+    # both broke down per tensor: nothing is known there, so the finding is undecided
+    both = lambda r: _is("gptq", 2, False)(r) or _is("rtn", 3, False)(r)  # noqa: E731
+    (c,) = _check(a, scores=_gptq_diverged(base, both), select=[11])
+    assert c.verdict == NA and "both diverged: decides nothing" in " ".join(c.evidence)
+
+
+def test_gptq_claim_models_pointing_both_ways_are_undecided():
+    """At B=64 the finite models say GPTQ is better, one model's GPTQ run diverged: undecided."""
+    a = analysed("paper")
+    base = _with_gptq_perplexity(a, "table")
+    one = lambda r: _is("gptq", 2, True)(r) and r["block_size"] == 64 and r["model"] == "pythia-0"  # noqa: E731
+    (c,) = _check(a, scores=_gptq_diverged(base, one), select=[11])
+    text = " ".join(c.evidence)
+    assert c.verdict == NA and "B=64: the models disagree" in text, text
+
+
 def test_gptq_claim_falls_back_to_word_perplexity():
     (c,) = _check(analysed("paper"), select=[11])
     assert "wikitext:word_perplexity" in " ".join(c.evidence) and c.verdict == HOLDS

@@ -195,7 +195,9 @@ def test_size_ticks_are_round_at_every_range():
     # a smoke study spans less than a doubling: ticks at round MiB values, not 2^22.5
     assert labels(5.3 * 2**20, 9.8 * 2**20) == ["6 MiB", "7 MiB", "8 MiB", "9 MiB"]
     assert labels(3.3 * 2**20, 6.5 * 2**20) == ["4 MiB", "5 MiB", "6 MiB"]
-    assert labels(6.1 * 2**20, 12.3 * 2**20) == ["7 MiB", "8 MiB", "9 MiB", "10 MiB"]
+    assert labels(6.1 * 2**20, 12.3 * 2**20) == ["7 MiB", "8 MiB", "9 MiB"]  # 10 MiB: too close
+    # one model and its 16-bit baseline: 80 MiB and 100 MiB would touch, so evenly spaced sizes
+    assert labels(78 * 2**20, 270 * 2**20) == ["78 MiB", "150 MiB", "270 MiB"]
     assert labels(700 * 2**20, 2.2 * 2**30) == ["800 MiB", "1 GiB", "2 GiB"]  # across units
     assert labels(1.1 * 2**30, 1.3 * 2**30) == ["1.1 GiB", "1.2 GiB", "1.3 GiB"]
     # a wide range: whole powers of two, thinned to at most six labels
@@ -240,6 +242,49 @@ def test_diverged_runs_are_crosses_outside_the_curves(value, in_curves):
         plt.close(fig)
 
 
+def test_gptq_figure_sets_gptq_against_rtn_per_block_size(drawn):
+    """Figure 5: a panel per block size (per tensor first), GPTQ solid, round-to-nearest dashed,
+    each with the colour of its bits; 2-bit GPTQ sits beside 3-bit float as in Table 1."""
+    figs, _ = drawn
+    fig = figs["fig5_gptq_blocking"]
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in axes]
+    assert titles == ["no blocking (per tensor / row)", "blocks of 64", "blocks of 256",
+                      "blocks of 1024"]  # fmt: skip
+    for ax in axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[:2] == ["GPTQ int2", "RTN float3 (E2)"] and "16-bit baseline" in labels
+        lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: (line, caps, bars)
+        styles = {k: (ln.get_linestyle(), ln.get_color()) for k, ln in lines.items()}
+        assert styles["GPTQ int2"] == ("-", style.precision_style(2)["color"])
+        assert styles["RTN float3 (E2)"] == ("--", style.precision_style(3)["color"])
+
+
+def test_gptq_figure_names_a_curve_whose_every_run_diverged():
+    a = analysed("paper")
+    scores = a.scores.copy()
+    bad = (scores["method"] == "gptq") & (scores["block_size"] == 64)
+    scores.loc[bad, "value"] = np.nan
+    scores["diverged"] = bad
+    laws = dict(a.laws)
+    c = laws["curves"]
+    laws["curves"] = c[~((c["method"] == "gptq") & (c["block_size"] == 64))]
+    fig = None
+    for name, _, f in draw_figures(scores, laws):
+        if name == "fig5_gptq_blocking":
+            fig = f
+        elif not isinstance(f, Skip):
+            plt.close(f)
+    try:
+        ax = next(ax for ax in fig.axes if ax.get_title() == "blocks of 64")
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "GPTQ int2: every run diverged" in labels and DIVERGED_LABEL in labels
+        crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
+        assert sum(len(ln.get_xdata()) for ln in crosses) == 4  # one per model size
+    finally:
+        plt.close(fig)
+
+
 def test_figures_without_data_are_skipped_and_listed(tmp_path):
     a = analysed(extras=False, with_wikitext=False, n_docs=60, n_boot=20)
     laws_dir = tmp_path / "laws"
@@ -263,6 +308,7 @@ def test_figures_without_data_are_skipped_and_listed(tmp_path):
         "fig1_perplexity",
         "fig_perplexity_vs_accuracy",
         "appendix_block_size_pythia",
+        "fig5_gptq_blocking",
     ):
         assert f"| {name} |" in skipped
         assert not (out / f"{name}.png").exists()

@@ -1054,18 +1054,18 @@ def _paired_models(
     "without replicates). Holds when GPTQ is "
     "significantly better at every finite block size and not significantly better per tensor; "
     "fails when it is significantly worse at a finite block size or significantly better per "
-    "tensor.",
+    "tensor. A model where exactly one of the two runs diverged counts for the other method "
+    "(a breakdown needs no interval); where both diverged it decides nothing; a block size "
+    "whose models point different ways is undecided.",
 )
 def gptq_needs_blocking(d: ClaimData, cl: Claim) -> None:
     target = gptq_target(d)
-    s = d.scores[d.scores["target"] == target]
+    s = d.all_scores[d.all_scores["target"] == target]
     gp = s[(_spec_col(s, "method", "rtn") == "gptq")]
     if gp.empty:
         cl.evidence.append(f"no GPTQ run with {target}")
         return
-    lower = _lower(target)
-    fmt = "{:.2f}" if lower else "{:.4f}"
-    unit = " in log perplexity" if "perplexity" in target else ""
+    bad = set(zip(d.diverged["model"], d.diverged["quant"], strict=True))
     parts = []
     for fam in sorted(gp["family"].unique()):
         pairs = _gptq_pairs(s[s["family"] == fam])
@@ -1073,33 +1073,86 @@ def gptq_needs_blocking(d: ClaimData, cl: Claim) -> None:
             cl.evidence.append(f"{fam}: no 2-bit GPTQ run with a matching 3-bit float run")
             continue
         for b, g, f in pairs:
-            m, est, how = _paired_models(d, target, g, f)
-            blocked = not pd.isna(b)
-            label = f"B={int(b)}" if blocked else "per tensor"
-            values = "; ".join(
-                f"{r.model} 2-bit GPTQ {fmt.format(r.value_g)} vs 3-bit float "
-                f"{fmt.format(r.value_f)}"
-                for r in m.itertuples()
+            parts.append(_gptq_block_part(d, cl, target, fam, b, g, f, bad))
+    if parts:
+        cl.verdict = _combine_strict(parts)
+
+
+def _gptq_block_part(d, cl, target, fam, b, g, f, bad) -> str:
+    """Finding 11 at one block size: the paired gain over models where both runs are finite,
+    and the models where exactly one of the two diverged (a diverged run is a breakdown, so the
+    other method is better there without an interval). They must agree to decide."""
+    blocked = not pd.isna(b)
+    label = f"B={int(b)}" if blocked else "per tensor"
+    qg, qf = sorted(g["quant"].unique())[0], sorted(f["quant"].unique())[0]
+    g, f = g[g["quant"] == qg], f[f["quant"] == qf]
+    div_g = {m for m in g["model"] if (m, qg) in bad}
+    div_f = {m for m in f["model"] if (m, qf) in bad}
+    both = set(g["model"]) & set(f["model"])
+    worse, better, lost = both & (div_g - div_f), both & (div_f - div_g), both & div_g & div_f
+    paper = PAPER_TABLE_1.get(int(b)) if blocked else None
+    ref = f" (paper: {paper[0]:.2f} vs {paper[1]:.2f})" if paper else ""
+    votes = []
+    for models, how in (
+        (worse, "GPTQ diverged, float did not"),
+        (better, "float diverged, GPTQ did not"),
+        (lost, "both diverged: decides nothing"),
+    ):
+        if not models:
+            continue
+        vals = "; ".join(
+            f"{m} 2-bit GPTQ {_fmt_value(_value_of(g, m), target)} vs 3-bit float "
+            f"{_fmt_value(_value_of(f, m), target)}"
+            for m in sorted(models)
+        )
+        cl.evidence.append(f"{fam} {label} ({target}): {vals}{ref}; {how}")
+        if models is not lost:
+            gptq_better = models is better
+            votes.append(
+                (HOLDS if gptq_better else FAILS) if blocked else (FAILS if gptq_better else HOLDS)
             )
-            paper = PAPER_TABLE_1.get(int(b)) if blocked else None
-            ref = f" (paper: {paper[0]:.2f} vs {paper[1]:.2f})" if paper else ""
-            if est is None:
-                cl.evidence.append(f"{fam} {label}: {values}{ref}; no interval ({how})")
-                parts.append(NA)
-                continue
+    finite = both - div_g - div_f
+    if finite:
+        m, est, how = _paired_models(
+            d, target, g[g["model"].isin(finite)], f[f["model"].isin(finite)]
+        )
+        values = "; ".join(
+            f"{r.model} 2-bit GPTQ {_fmt_value(r.value_g, target)} vs 3-bit float "
+            f"{_fmt_value(r.value_f, target)}"
+            for r in m.itertuples()
+        )
+        if est is None:
+            cl.evidence.append(f"{fam} {label}: {values}{ref}; no interval ({how})")
+        else:
             if blocked:
                 part = (
                     HOLDS if est.significant_positive else FAILS if est.significant_negative else NA
                 )
             else:
                 part = FAILS if est.significant_positive else HOLDS
-            parts.append(part)
+            unit = " in log perplexity" if "perplexity" in target else ""
             cl.evidence.append(
                 f"{fam} {label} ({target}): {values}{ref}; GPTQ gain{unit} (positive = better) "
                 f"{est} ({how})" + (" not significant" if part == NA else "")
             )
-    if parts:
-        cl.verdict = _combine_strict(parts)
+            votes.append(part)
+    if not votes:
+        return NA
+    if len(set(votes)) > 1:
+        cl.evidence.append(f"{fam} {label}: the models disagree ({', '.join(votes)}): undecided")
+        return NA
+    return votes[0]
+
+
+def _fmt_value(v: float, target: str) -> str:
+    """Perplexities with two decimals (``9.18``; ``6.03e+06`` for a breakdown), accuracies four."""
+    if not _lower(target):
+        return f"{v:.4f}"
+    return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.3g}"
+
+
+def _value_of(rows: pd.DataFrame, model: str) -> float:
+    return float(pd.to_numeric(rows.loc[rows["model"] == model, "value"]).iloc[0])
 
 
 # ----------------------------------------------------------------------------- running

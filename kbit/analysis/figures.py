@@ -55,6 +55,8 @@ FIELD_NAMES = {"dtype": "data type", "block_size": "block size", "exponent_bits"
 NICE_SERIES = ((1, 2, 5), (1, 2, 3, 4, 5, 6, 8), (1, 2, 3, 4, 5, 6, 7, 8, 9))
 #: at most this many labelled ticks on a size axis
 MAX_SIZE_TICKS = 6
+#: tick-label characters that fit side by side along the narrowest size axis drawn (4.4 in)
+AXIS_LABEL_CHARS = 40
 
 
 class Skip(Exception):
@@ -256,7 +258,8 @@ def size_ticks(lo_bits: float, hi_bits: float) -> tuple[np.ndarray, np.ndarray]:
     become minor ticks). A range holding fewer than three powers of two gets round sizes
     instead (``4 MiB, 5 MiB, 6 MiB``; ``800 MiB, 1 GiB, 2 GiB``): whole numbers of a unit from
     the coarsest of the series 1-2-5, 1-2-3-4-5-6-8 and 1..9 (times 1, 10, 100) that gives
-    three ticks; the powers of two inside stay as minor ticks.
+    three ticks whose labels do not touch (``AXIS_LABEL_CHARS``); the powers of two inside
+    stay as minor ticks.
     """
     lo, hi = math.log2(lo_bits / 8), math.log2(hi_bits / 8)
     whole = np.arange(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)
@@ -266,11 +269,16 @@ def size_ticks(lo_bits: float, hi_bits: float) -> tuple[np.ndarray, np.ndarray]:
         minor = whole[whole % step != 0]
         return 8 * 2.0**major, 8 * 2.0**minor
     lo_b, hi_b = 2.0**lo * (1 - 1e-9), 2.0**hi * (1 + 1e-9)
+    per_char = (hi - lo) / AXIS_LABEL_CHARS  # log2 width of one character of a label
     for series in NICE_SERIES:
         inside = sorted(v for v in _round_sizes(series) if lo_b <= v <= hi_b)
-        if len(inside) >= 3:
-            step = math.ceil(len(inside) / MAX_SIZE_TICKS)
-            return 8 * np.array(inside[::step]), 8 * 2.0**whole
+        kept: list[float] = []
+        for v in inside:  # 80 MiB next to 100 MiB on a 78-270 MiB axis: drop the second
+            chars = (len(format_bytes(v)) + len(format_bytes(kept[-1])) if kept else 0) / 2 + 1
+            if not kept or math.log2(v / kept[-1]) >= chars * per_char:
+                kept.append(v)
+        if len(kept) >= 3:
+            return 8 * np.array(kept), 8 * 2.0**whole
     # narrower still: three evenly spaced sizes, rounded to two digits of their unit
     unit = next(scale for scale, _ in BYTE_UNITS if lo_b >= scale or scale == 1.0)
     mid = np.exp2(np.linspace(lo, hi, 3))
@@ -675,6 +683,87 @@ def fig_proxy(c: pd.DataFrame, target: str) -> MplFigure:
     )
 
 
+def _gptq_curve(row: Mapping) -> str:
+    """``GPTQ int2``, ``RTN float3 (E2)``, ``16-bit baseline``: one curve of Figure 5."""
+    if row["dtype"] == "fp16":
+        return "16-bit baseline"
+    name = f"{str(row['method']).upper()} {row['dtype']}{int(row['bits'])}"
+    e = row.get("exponent_bits")
+    return name + (f" (E{int(e)})" if row["dtype"] == "float" and pd.notna(e) else "")
+
+
+def _gptq_panels(cc: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
+    """(block size or NaN, points) per block size with GPTQ runs, per tensor first: the GPTQ
+    curves, the round-to-nearest curves of the same block size from the lowest GPTQ precision
+    to one bit above the highest (Table 1 sets 2-bit GPTQ against 3-bit float), the baseline."""
+    plain = (cc["outlier_fraction"].fillna(0) == 0) & ~cc["center"].fillna(False).astype(bool)
+    plain &= cc["mixed_ratio"].isna() if "mixed_ratio" in cc else True
+    method = cc["method"].fillna("rtn")
+    gptq = cc[(method == "gptq") & plain]
+    base = cc[cc["dtype"] == "fp16"]
+    out = []
+    for b in sorted(gptq["block_size"].unique(), key=lambda v: (not pd.isna(v), v)):
+        same = cc["block_size"].isna() if pd.isna(b) else cc["block_size"] == b
+        g = gptq[same.loc[gptq.index]]
+        lo, hi = int(g["bits"].min()), int(g["bits"].max()) + 1
+        r = cc[same & plain & (method == "rtn") & cc["bits"].between(lo, hi)]
+        r = r[r["dtype"] != "fp16"]
+        if len(r):
+            out.append((b, pd.concat([g, r, base])))
+    return out
+
+
+def fig_gptq(c: pd.DataFrame, target: str) -> MplFigure:
+    """Figure 5: bit-level scaling of GPTQ against round-to-nearest, one panel per block size
+    (per tensor first). Colour = bits, solid = GPTQ, dashed = round-to-nearest."""
+    from matplotlib.lines import Line2D
+
+    cc = c[c["target"] == target]
+    panels = _gptq_panels(cc) if "method" in cc else []
+    _need(
+        bool(panels),
+        f"GPTQ runs (method gptq) and round-to-nearest runs of the same block size within one "
+        f"bit of them on {target}",
+    )
+    fig, axes = _subplots(len(panels), ncols=2, w=5.8, h=4.4)
+    lower = lower_is_better(target)
+    for ax, (b, pts) in zip(axes, panels, strict=True):
+        pts = pts.assign(curve=[_gptq_curve(r) for r in pts.to_dict("records")])
+        keys, styles = [], {}
+        for r in pts.drop_duplicates("curve").to_dict("records"):
+            st = style.precision_style(16 if r["dtype"] == "fp16" else int(r["bits"]))
+            if r["dtype"] != "fp16":
+                st["linestyle"] = "-" if r["method"] == "gptq" else "--"
+                st["marker"] = "o" if r["method"] == "gptq" else "s"
+            styles[r["curve"]] = st
+            keys.append(r["curve"])
+        order = sorted(keys, key=lambda k: (k.startswith("16"), not k.startswith("GPTQ"), k))
+        n_div = _draw(ax, pts, "curve", lambda r: r["curve"], styles, order, lower)
+        ax.set_title("no blocking (per tensor / row)" if pd.isna(b) else f"blocks of {int(b)}")
+        _finish(ax, target)
+        handles, labels = ax.get_legend_handles_labels()
+        for k in order:  # a curve whose every run diverged still needs its colour named
+            if k not in labels:
+                st = styles[k]
+                handles.append(Line2D([], [], marker="x", linestyle="none", color=st["color"]))
+                labels.append(f"{k}: every run diverged")
+        if n_div:
+            handles, labels = [*handles, _diverged_handle()], [*labels, DIVERGED_LABEL]
+        legend_outside(ax, handles, labels)
+    return fig
+
+
+def gptq_figure_target(curves: pd.DataFrame) -> str:
+    """Figure 5's metric, as finding 11's: GPTQ-convention WikiText-2 perplexity, else the
+    run's perplexity target, else mean zero-shot accuracy."""
+    from kbit.analysis.claims import GPTQ_PERPLEXITY  # claims imports this module
+
+    targets = list(curves["target"].unique()) if not curves.empty else []
+    if GPTQ_PERPLEXITY in targets:
+        return GPTQ_PERPLEXITY
+    return perplexity_target(targets) or ACCURACY_TARGET
+
+
 def fig_ppl_vs_acc(scores: pd.DataFrame, ppl: str | None) -> MplFigure:
     _need(ppl is not None, "a perplexity task (e.g. wikitext word_perplexity) and mean accuracy")
     marked = mark_diverged(scores, scores)
@@ -821,6 +910,9 @@ CAPTIONS = {
     "fig1_perplexity": "Perplexity version of Figure 1.",
     "fig2_perplexity_families": "Perplexity version of Figure 2.",
     "fig_perplexity_vs_accuracy": "Perplexity against mean zero-shot accuracy over all runs.",
+    "fig5_gptq_blocking": "Bit-level scaling of GPTQ (solid) against round-to-nearest "
+    "(dashed) without and with blocking, one panel per block size; colour = bits. WikiText-2 "
+    "perplexity in the GPTQ convention where the run has it (the paper's Table 1 metric).",
     "fig_optimal_precision": "Top: the precision whose interpolated curve is highest at each "
     "total-bit budget. Bottom: the share of bootstrap replicates in which each precision is "
     "highest (stacked, sums to 1).",
@@ -862,6 +954,11 @@ def _jobs(
             "fig_float_exponent_bits",
             CAPTIONS["fig_float_exponent_bits"],
             lambda: fig_exponent(curves, acc),
+        ),
+        (
+            "fig5_gptq_blocking",
+            CAPTIONS["fig5_gptq_blocking"],
+            lambda: fig_gptq(curves, gptq_figure_target(curves)),
         ),
         (
             "fig_optimal_precision",
