@@ -153,7 +153,8 @@ def batched_worker(args: argparse.Namespace) -> None:
         {"model": Path(args.model_dir).name, "hf_id": None, "revision": None, "family": "pythia"},
         batch_size=args.batch_size,
         settings=EvalSettings.from_config({"device": args.device, "limit": args.limit}),
-        lm_options={"cuda_graphs": args.graphs == "on"},
+        # auto: no option, so the job's GraphPolicy measures and decides (the workflow default)
+        lm_options=None if args.graphs == "auto" else {"cuda_graphs": args.graphs == "on"},
     )
 
 
@@ -302,7 +303,7 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
             py, __file__, "--worker", "batched", "--model-dir", str(model_dir),
             "--tasks-dir", str(work / "tasks"), "--specs", args.specs, "--out", str(ours_out),
             "--batch-size", batch_size, "--device", args.device,
-            "--graphs", "on" if mode == "graphs" else "off",
+            "--graphs", {"graphs": "on", "eager": "off", "auto": "auto"}[mode],
         ] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
         ours_wall = run_timed(ours_cmd, ours_log, args.timeout)
         frames = {
@@ -326,6 +327,7 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
                 "model": f"pythia-{size} (random weights)",
                 "mode": mode,
                 "graphs_turned_off": "CUDA graphs off" in ours_log.read_text(),
+                "graph_policy": _graph_policy(frames, specs, ours_log) if mode == "auto" else None,
                 "n_params": n_params,
                 "batch_size": int(batch_size),
                 "batch_size_search": bs_info,
@@ -342,6 +344,26 @@ def bench_model(size: str, args: argparse.Namespace, work: Path, peak: float) ->
         for e in entries:
             e["graphs_vs_eager_all_specs"] = same
     return entries
+
+
+def _graph_policy(frames: dict, specs: list[str], log_file: Path) -> dict:
+    """What the job's GraphPolicy did: per spec whether it ran with graphs, the measured capture
+    cost and per-spec saving (the runs table's columns), and the decisions it logged."""
+    first = {q: frames[(q, TASKS[0])].iloc[0] for q in specs}
+
+    def num(v: object) -> float | None:
+        return None if v is None or v != v else float(v)  # NaN -> None
+
+    return {
+        "graphs_per_spec": {q: bool(r.get("cuda_graphs", False)) for q, r in first.items()},
+        "capture_s": num(first[specs[-1]].get("graph_capture_s")),
+        "saving_s_per_spec": num(first[specs[-1]].get("graph_saving_s")),
+        "decisions": [
+            ln.split("CUDA graphs", 1)[1].strip()
+            for ln in log_file.read_text().splitlines()
+            if "CUDA graphs" in ln
+        ],
+    }
 
 
 def _same_docs(a: dict, b: dict) -> dict:
@@ -464,6 +486,35 @@ def markdown(report: dict) -> str:
     if same:
         lines += ["", "Graphs against eager, every spec and task, per document: "
                   + "; ".join(same) + "."]  # fmt: skip
+    auto = [r for r in report["models"] if r.get("graph_policy")]
+    if auto:
+        lines += ["", "CUDA graphs decided by measurement (mode auto, the workflow's default): "
+                  "spec 0 warms up, spec 1 is the eager reference, spec 2 captures, spec 3 "
+                  "measures the saving; the job's log lines.",
+                  "", "| model | graphs per spec | capture s | saving s/spec | decisions |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in auto:
+            g = r["graph_policy"]
+            per = ", ".join(
+                f"{q} {'on' if on else 'off'}" for q, on in g["graphs_per_spec"].items()
+            )
+            cap, sav = g["capture_s"], g["saving_s_per_spec"]
+            lines.append(
+                f"| {r['model']} | {per} | {'' if cap is None else f'{cap:.2f}'} "
+                f"| {'' if sav is None else f'{sav:.2f}'} | {'; '.join(g['decisions'])} |"
+            )
+    searched = {r["model"]: r["batch_size_search"] for r in report["models"]}
+    searched = {m: b for m, b in searched.items() if b and b.get("probes")}
+    if searched:
+        lines += ["", "Batch-size search (full-length sequences; peak = reserved memory; in the "
+                  "order measured, the last is the confirmation):", ""]  # fmt: skip
+        for m, b in searched.items():
+            probes = ", ".join(
+                f"{p['batch_size']}: " + ("OOM" if p["peak_gib"] is None else
+                                          f"{p['peak_gib']:.1f} GiB{'' if p['fits'] else ' (no)'}")
+                for p in b["probes"]
+            )  # fmt: skip
+            lines.append(f"- {m}: chose {b['batch_size']} in {b['search_s']:.0f} s; {probes}")
     return "\n".join(lines) + "\n"
 
 
@@ -481,9 +532,10 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="graphs,eager",
-        help="batched job runs: graphs (cuda_graphs=True), eager (cuda_graphs=False)",
+        help="batched job runs: graphs (cuda_graphs=True), eager (cuda_graphs=False), auto "
+        "(the workflow default: graphs only where the measured saving repays the capture)",
     )
-    ap.add_argument("--graphs", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
+    ap.add_argument("--graphs", choices=["on", "off", "auto"], default="on", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["batched", "find-batch", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--cli-out", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -503,9 +555,9 @@ def main() -> None:
         return
     import transformers
 
-    bad = set(args.modes.split(",")) - {"graphs", "eager"}
+    bad = set(args.modes.split(",")) - {"graphs", "eager", "auto"}
     if bad:
-        raise SystemExit(f"unknown --modes {sorted(bad)}; allowed are graphs, eager")
+        raise SystemExit(f"unknown --modes {sorted(bad)}; allowed are graphs, eager, auto")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device found (use --device cpu for a functional check only)")
     from kbit.evaluation.tasks import prepare_tasks
@@ -527,7 +579,10 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": [],
     }
-    tag = "h100" if "H100" in report["device"] else "gpu"
+    from bench_quant import slug  # this folder is on sys.path when run as a script
+
+    # the H100 run predates the device slug; every other GPU is named in full
+    tag = "h100" if "H100" in report["device"] else slug(report["device"])
     try:
         for size in args.models.split(","):
             entries = bench_model(size, args, work, report["peak_fp16_tflops"] * 1e12)

@@ -152,9 +152,11 @@ def _scale_bytes(case: Case) -> int:
 
 def time_case(
     x: torch.Tensor, case: Case, block: int, copy_gbs: float, reps: tuple[int, int], dequant: bool,
-    cfg: KernelConfig = DEFAULT_CONFIG,
+    cfg: KernelConfig = DEFAULT_CONFIG, pack_compare: bool = False,
 ) -> dict:  # fmt: skip
-    """fake quantize, quantize-to-packed (and dequantize) of one case at one block size."""
+    """fake quantize, quantize-to-packed (and dequantize) of one case at one block size;
+    ``pack_compare``: also the other packing kernel (``pack_chunks`` flipped), and whether its
+    bytes are the same."""
     n = x.numel()
     nblocks = -(-n // block)
     row = dict(case=case.label, family=case.family, bits=case.bits, block=block)
@@ -179,6 +181,15 @@ def time_case(
     ms = _bench(quant, *reps)
     row.update(quant_ms=ms, quant_gbs=_gbs(moved, ms))
     row["quant_pct"] = 100 * row["quant_gbs"] / copy_gbs
+    if pack_compare:  # the other packing kernel side by side, and the same bytes from it
+        old = replace(cfg, pack_chunks=not cfg.pack_chunks)
+        prev = partial(quant.func, *quant.args, **{**quant.keywords, "config": old})
+        row["pack_same_as_prev"] = all(
+            a is b or _same(a, b) for a, b in zip(quant(), prev(), strict=True)
+        )
+        ms = _bench(prev, *reps)
+        row.update(quant_prev_ms=ms, quant_prev_gbs=_gbs(moved, ms))
+        row["quant_prev_pct"] = 100 * row["quant_prev_gbs"] / copy_gbs
     if dequant:
         out = quant()
         if case.microscaling:
@@ -188,12 +199,16 @@ def time_case(
             packed, scales = out
             fn = partial(kernels.dequantize_blockwise, packed, scales, cb, block, case.bits, n)
         ms = _bench(fn, *reps)
-        row.update(dequant_ms=ms, dequant_gbs=_gbs(moved, ms))
+        row.update(dequant_ms=ms, dequant_gbs=_gbs(moved - extra, ms))  # no absmax pass
         row["dequant_pct"] = 100 * row["dequant_gbs"] / copy_gbs
     return row
 
 
-def bench_rows(x, case_list, blocks, copy_gbs, reps, dequant) -> list[dict]:
+def bench_rows(
+    x, case_list, blocks, copy_gbs, reps, dequant, on_row=None, pack_compare=False
+) -> list[dict]:
+    """Every case at every block size; ``on_row(rows)`` after each (a partial result file, so a
+    run cut short keeps what it measured)."""
     rows = []
     for case in case_list:
         bl = list(blocks)
@@ -201,12 +216,15 @@ def bench_rows(x, case_list, blocks, copy_gbs, reps, dequant) -> list[dict]:
             bl = [16, *bl]
         for block in bl:
             try:
-                row = time_case(x, case, block, copy_gbs, reps, dequant)
+                row = time_case(x, case, block, copy_gbs, reps, dequant,
+                                pack_compare=pack_compare)  # fmt: skip
             except Exception as e:  # keep the other measurements
                 row = dict(case=case.label, family=case.family, bits=case.bits, block=block,
                            error=repr(e)[:300])  # fmt: skip
             rows.append(row)
             print(_fmt_row(row), flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -551,6 +569,8 @@ def markdown(res: dict) -> str:
     head = " | ".join(f"B={b}" for b in blocks)
     for key, title in (("fake", "fake_quantize (read fp16, write fp16)"),
                        ("quant", "quantize to packed codes + scales"),
+                       ("quant_prev", "quantize to packed, the other packing kernel "
+                                      "(pack_chunks flipped) in the same run"),
                        ("dequant", "dequantize")):  # fmt: skip
         if not any(f"{key}_pct" in r for r in rows):
             continue
@@ -559,11 +579,19 @@ def markdown(res: dict) -> str:
         lines.append("|---|---|" + "---|" * (len(blocks) + 1))
         for label in dict.fromkeys(r["case"] for r in rows):
             by = {r["block"]: r for r in rows if r["case"] == label}
-            cells = [f"{by[b][f'{key}_pct']:.0f}%" if b in by else "" for b in blocks]
-            pcts = [by[b][f"{key}_pct"] for b in by]
+            cells = [f"{by[b][f'{key}_pct']:.0f}%" if f"{key}_pct" in by.get(b, {}) else ""
+                     for b in blocks]  # fmt: skip
+            pcts = [by[b][f"{key}_pct"] for b in by if f"{key}_pct" in by[b]]
+            if not pcts:
+                continue
             search = next(iter(by.values())).get("pack_search" if key == "quant" else "search", "")
             lines.append(f"| {label} | {search} | " + " | ".join(cells) + f" | {min(pcts):.0f}% |")
         lines.append("")
+    differ = [f"{r['case']} B={r['block']}" for r in rows if r.get("pack_same_as_prev") is False]
+    if any("pack_same_as_prev" in r for r in rows):
+        lines += [("Packed bytes and scales of the two packing kernels: identical on every row."
+                   if not differ else "PACKED OUTPUTS DIFFER between the two kernels: "
+                   + ", ".join(differ)), ""]  # fmt: skip
     errors = [r for r in res["rows"] if "error" in r]
     if errors:
         lines += ["Errors:", ""] + [f"- {r['case']} B={r['block']}: {r['error']}" for r in errors]
@@ -617,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant-blocks", default="64,1024", help="block sizes for --variants")
     ap.add_argument("--numel", type=int, default=None, help="values in the test tensor")
     ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes comparison")
+    ap.add_argument("--pack-compare", action="store_true", help="also time the other packing "
+                    "kernel (KernelConfig.pack_chunks flipped) and compare its bytes")  # fmt: skip
     ap.add_argument("--families", default=None, help="comma list of int,float,nf,dynamic,"
                     "quantile,mx (default: all)")  # fmt: skip
     ap.add_argument("--bits", default=None, help="comma list of k for the absmax families")
@@ -662,7 +692,12 @@ def main(argv: list[str] | None = None) -> int:
     res["numel"] = numel
     del dst
     print(f"copy: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s", flush=True)
-    res["rows"] = bench_rows(x, cases(fams, bits), blocks, copy_gbs, reps, not args.quick)
+    partial_file = args.out / f"quant_{slug(res['device'])}.partial.json"
+    res["rows"] = bench_rows(
+        x, cases(fams, bits), blocks, copy_gbs, reps, not args.quick,
+        on_row=lambda rows: write_json(res | {"rows": rows}, partial_file),
+        pack_compare=args.pack_compare,
+    )  # fmt: skip
     if args.variants:
         vblocks = tuple(int(b) for b in args.variant_blocks.split(","))
         res["variants"] = variants(x, copy_gbs, vblocks, reps)
@@ -673,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     res["seconds"] = time.time() - t0
     name = slug(res["device"])
     write_json(res, args.out / f"quant_{name}.json")
+    partial_file.unlink(missing_ok=True)
     md = markdown(res)
     write_text(md, args.out / f"quant_{name}.md")
     print(md, flush=True)

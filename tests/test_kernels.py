@@ -196,7 +196,7 @@ def test_all_paths_match_reference(device: str, case) -> None:
     assert same(deq, y_ref)
 
 
-@pytest.mark.parametrize("block", [16, 24, 64, 100, 1000, 5000, None])
+@pytest.mark.parametrize("block", [16, 24, 64, 96, 100, 1000, 5000, None])
 @pytest.mark.parametrize("k", [3, 4, 8])
 def test_block_sizes_and_paths(device: str, block: int | None, k: int) -> None:
     """Fused (B <= 4096, B % 8 == 0 to pack) and two-pass paths (large, odd or per-tensor
@@ -210,6 +210,23 @@ def test_block_sizes_and_paths(device: str, block: int | None, k: int) -> None:
     assert same(sc, scales)
     assert same(packed, ref_packed)
     assert same(kernels.dequantize_blockwise(packed, sc, cb, block, k, n), y_ref)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 96, 2048])
+def test_pack_chunk_kernel(device: str, block: int) -> None:
+    """``fused_pack_chunk_kernel`` (blocks of a multiple of 16) against the reference and the
+    one-group-per-thread kernel, on whole tiles (the unmasked variant) and a ragged tail."""
+    from kbit.kernels.launch import KernelConfig
+
+    for n in (8192, 8192 + 8 * block - 24):
+        for name, k in (("int", 3), ("nf", 4), ("int", 5), ("float", 6), ("dynamic", 8)):
+            cb = codebook(name, k)
+            x = _input(n, torch.float16, device, seed=k + block)
+            ref_packed, scales, _ = _library(x, name, k, block, torch.float16)
+            for chunks in (True, False):
+                cfg = KernelConfig(pack_chunks=chunks)
+                packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k, config=cfg)
+                assert same(sc, scales) and same(packed, ref_packed), (name, k, block, n, chunks)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -119,34 +119,42 @@ def test_graph_policy_decides_by_measurement(tmp_path: Path) -> None:
     from kbit.evaluation.speed.graphs import GraphPolicy
 
     cache = tmp_path / "graphs.json"
-    # no cache: spec 1 measures the capture (5 specs left), spec 2 the saving (10 - 7 = 3 s)
-    p = GraphPolicy("auto", 6, "gpu|shape", cache)
+    # no cache: spec 0 warms up (never a reference), spec 1 is the eager reference (10 s), spec 2
+    # measures the capture (5 specs left incl. itself: 25 - 10 = 15 s), spec 3 the saving (3 s)
+    p = GraphPolicy("auto", 7, "gpu|shape", cache)
     assert not p.use(0)
-    p.record(0, 10.0, graphs=False)
-    assert p.use(1)
-    p.record(1, 25.0, graphs=True)  # eager pass + capture + check: capture costs 15 s
+    p.record(0, 40.0, graphs=False)  # warm-up and tokenization: would fake a 33 s saving
+    assert not p.use(1)
+    p.record(1, 10.0, graphs=False)
     assert p.use(2)
-    p.record(2, 7.0, graphs=True)
-    assert (p.capture_s, p.saving_s) == (15.0, 3.0)
-    assert p.use(3) and p.use(5)
-    # the next job with 5 specs: 3 x 3 s repay less than 15 s, no capture; with 8: 6 x 3 s do
-    q = GraphPolicy("auto", 5, "gpu|shape", cache)
-    q.record(0, 10.0, graphs=False)
-    assert not q.use(1) and not q.use(2)
-    r = GraphPolicy("auto", 8, "gpu|shape", cache)
-    r.record(0, 10.0, graphs=False)
-    assert r.use(1) and "cached capture cost 15.00 s" in r.decisions[0]
+    p.record(2, 25.0, graphs=True)  # eager pass + capture + check: capture costs 15 s
+    assert p.use(3)
+    p.record(3, 7.0, graphs=True)
+    assert (p.eager_s, p.capture_s, p.saving_s) == (10.0, 15.0, 3.0)
+    assert p.use(4) and p.use(6)
+    assert "against eager spec 1 (10.00 s)" in p.decisions[-1]
+    # the next job: at spec 2 with 5 specs left, 4 x 3 s repay less than 15 s; with 7, 6 x 3 do
+    q = GraphPolicy("auto", 7, "gpu|shape", cache)
+    q.record(0, 40.0, graphs=False)
+    q.record(1, 10.0, graphs=False)
+    assert not q.use(2) and not q.use(3)
+    r = GraphPolicy("auto", 9, "gpu|shape", cache)
+    r.record(0, 40.0, graphs=False)
+    r.record(1, 10.0, graphs=False)
+    assert r.use(2) and "cached capture cost 15.00 s" in r.decisions[0]
     # replays slower than eager (an H200 at its own batch size): off after the measurement
-    slow = GraphPolicy("auto", 6, "other", cache)
-    slow.record(0, 10.0, graphs=False)
-    assert slow.use(1)
-    slow.record(1, 20.0, graphs=True)
-    slow.record(2, 10.2, graphs=True)
-    assert not slow.use(3) and "off" in slow.decisions[-1]
+    slow = GraphPolicy("auto", 7, "other", cache)
+    slow.record(0, 40.0, graphs=False)
+    slow.record(1, 10.0, graphs=False)
+    assert slow.use(2)
+    slow.record(2, 20.0, graphs=True)
+    slow.record(3, 10.2, graphs=True)
+    assert not slow.use(4) and "off" in slow.decisions[-1]
     # too few specs to learn on; forced modes; a broken capture stays off
-    few = GraphPolicy("auto", 2, "new", cache)
-    few.record(0, 10.0, graphs=False)
-    assert not few.use(1)
+    few = GraphPolicy("auto", 3, "new", cache)
+    few.record(0, 40.0, graphs=False)
+    few.record(1, 10.0, graphs=False)
+    assert not few.use(2)
     assert GraphPolicy(True, 2, "k", cache).use(0)
     assert not GraphPolicy(True, 2, "k", cache).use(1, graphs_ok=False)
     assert not GraphPolicy(False, 9, "k", cache).use(4)

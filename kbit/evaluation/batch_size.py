@@ -60,9 +60,11 @@ def choose_batch_size(
         return info | {"batch_size": requested, "source": "config"}
     model, tok = load_model(model_dir, settings.dtype, settings.device, trust_remote_code, what)
     lm = make_lm(model, tok, 1, settings.softmax_dtype, max_length=settings.max_length, fast=False)
-    bs = find_batch_size(model, lm.max_length, dev, softmax_dtype=lm.softmax_dtype)
+    probes: list[dict[str, Any]] = []
+    bs = find_batch_size(model, lm.max_length, dev, softmax_dtype=lm.softmax_dtype, probes=probes)
     source = "search" if dev.type == "cuda" else "cpu default, memory-capped"
-    return info | {"batch_size": bs, "source": source, "max_length": lm.max_length}
+    out = info | {"batch_size": bs, "source": source, "max_length": lm.max_length}
+    return out | ({"probes": probes} if probes else {})
 
 
 def find_batch_size(
@@ -73,6 +75,7 @@ def find_batch_size(
     max_batch_size: int = MAX_BATCH_SIZE,
     headroom: float = MEMORY_HEADROOM,
     softmax_dtype: torch.dtype | None = None,
+    probes: list[dict[str, Any]] | None = None,
 ) -> int:
     """Largest batch of ``max_length`` tokens that lm-eval's own scoring fits on ``device``.
 
@@ -81,7 +84,8 @@ def find_batch_size(
     line's peak, which is above :class:`ReusingHFLM`'s); a candidate fits if it neither runs out
     of memory nor leaves less than ``headroom`` of the device memory unused at its peak. Powers
     of two are tried first, then the gap to the next one in quarter steps. On any other device
-    see :func:`cpu_batch_size`.
+    see :func:`cpu_batch_size`. ``probes`` (a list) receives every measurement in order
+    (batch size, peak GiB or None after an out-of-memory error, fits), for the record.
     """
     device = torch.device(device)
     if max_length < 1:
@@ -103,10 +107,14 @@ def find_batch_size(
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_reserved(device)
         except torch.cuda.OutOfMemoryError:
+            if probes is not None:
+                probes.append({"batch_size": bs, "peak_gib": None, "fits": False})
             return False
         finally:
             torch.cuda.empty_cache()
         log.info("batch %d x %d tokens: peak %.1f GiB", bs, max_length, peak / 2**30)
+        if probes is not None:
+            probes.append({"batch_size": bs, "peak_gib": peak / 2**30, "fits": peak <= limit})
         return peak <= limit
 
     best = search_batch_size(fits, max_batch_size)

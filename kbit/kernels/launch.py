@@ -81,6 +81,14 @@ class KernelConfig:
     level). ``flat_groups`` / ``dequant_groups``: groups of 8 values per program in the
     two-pass and dequantize kernels.
 
+    ``pack_chunks``: fused packing through ``fused_pack_chunk_kernel`` where the block is a
+    multiple of 16 values (each thread packs 32 or 16 consecutive codes into k int32 or int16
+    words). It issues 10-30% fewer instructions per value than ``fused_pack_kernel`` (one group
+    of 8 codes per thread), but each thread reads its own 64 bytes, so a warp's loads are not
+    coalesced: on an H200 it packed at 19-63% of copy against 34-97% for the group kernel
+    (every codebook, B = 32..4096, benchmarks/kernels_notes.md, "v7"). Off by default; kept,
+    tested, for GPUs or compilers where the trade-off differs.
+
     ``mid_launch``: (smallest block, largest block, tile, values per thread) overriding
     ``tile`` / ``per_thread`` for fused fake quantization through ``bucket-mid`` (measured on
     an H100, benchmarks/kernels_notes.md, "v5").
@@ -102,6 +110,7 @@ class KernelConfig:
     dequant_groups: int = 256
     dequant_warps: int = 4
     max_fused_block: int = 4096
+    pack_chunks: bool = False
     absmax_chunk: int = 4096
     mid_launch: tuple[tuple[int, int, int, int], ...] = (
         (128, 256, 4096, 32),
@@ -560,6 +569,14 @@ def _warps(values: int, per_thread: int) -> int:
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _pack_chunk(bits: int, block: int, cfg: KernelConfig) -> int:
+    """Groups of 8 codes per thread chunk of ``fused_pack_chunk_kernel`` (4 or 2: the chunk's
+    codes are ``bits`` int32 or int16 words), or 0 for ``fused_pack_kernel``."""
+    if not cfg.pack_chunks or not 1 <= bits <= 8:
+        return 0
+    return 4 if block % 32 == 0 else 2 if block % 16 == 0 else 0
+
+
 def _fake_launch(cfg: KernelConfig, block: int, search: int, family: int) -> tuple[int, int]:
     """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch``)."""
     if family == tk.FAMILY_TABLE and search == _SEARCH_MODES["bucket-mid"]:
@@ -649,12 +666,18 @@ def _launch(
             )  # fmt: skip
             return out, None
         scales = torch.empty(nblocks, dtype=sc.store_dtype, device=x.device)
-        words = k in _WORD_DTYPES
-        dst = buf.view(_WORD_DTYPES[k]) if words else buf
-        tk.fused_pack_kernel[grid](
+        cg = _pack_chunk(k, block, cfg)
+        if cg:  # chunks of cg groups: k int32 (cg = 4) or int16 words each
+            dst = buf.view(torch.int32 if cg == 4 else torch.int16)
+            kernel, extra = tk.fused_pack_chunk_kernel, dict(CG=cg)
+        else:
+            words = k in _WORD_DTYPES
+            dst = buf.view(_WORD_DTYPES[k]) if words else buf
+            kernel, extra = tk.fused_pack_kernel, dict(KP=kp, WORDS=words)
+        kernel[grid](
             _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
             ptrs["mid"], ptrs["lay"], gd, n, nblocks, nbytes,
-            B=block, BP=bp, ROWS=rows, **kw, **common, K=k, KP=kp, WORDS=words, MASKED=masked,
+            B=block, BP=bp, ROWS=rows, **kw, **common, K=k, MASKED=masked, **extra,
             num_warps=_warps(rows * bp, cfg.pack_per_thread),
         )  # fmt: skip
         return out, scales

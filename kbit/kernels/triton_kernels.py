@@ -40,9 +40,11 @@ multiply whose result is added later is either an explicit ``tl.fma`` or one who
 cannot change the result (noted where it happens).
 
 Kernel shapes: the fused kernels view the tensor as rows of one block and do absmax, scale,
-codes and output in a single read of ``x``; the flat kernel takes precomputed fp32 divisors
-(from ``absmax_partial_kernel``) for blocks larger than one tile, per-tensor scaling and
-packing when the block size is not a multiple of 8.
+codes and output in a single read of ``x`` (``fused_pack_chunk_kernel``: with each thread
+holding 16 or 32 consecutive values, so that its codes form whole int16/int32 words); the
+flat kernel takes precomputed fp32 divisors (from ``absmax_partial_kernel``) for blocks
+larger than one tile, per-tensor scaling and packing when the block size is not a multiple
+of 8.
 
 Inputs must be finite (the reference rejects NaN and inf; the kernels do not check, for speed).
 """
@@ -682,6 +684,8 @@ def fused_pack_kernel(
 
     WORDS=True (k = 2, 4, 8): ``out_ptr`` is the byte buffer viewed as int{2k}, one element per
     group, so a group is one store. Otherwise the k bytes of a group are stored one by one.
+    The default packing kernel: ``fused_pack_chunk_kernel`` (``KernelConfig.pack_chunks``)
+    issues fewer instructions but measured slower on an H200 (its loads are not coalesced).
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -726,6 +730,95 @@ def fused_pack_kernel(
         pos = gidx[:, :, None] * K + b[None, None, :]
         ok = (b[None, None, :] < K) & (grp[None, :, None] * 8 < B) & (pos < nbytes)
         tl.store(out_ptr + pos, byte, mask=ok)
+
+
+@triton.jit
+def _chunk_word(code, pos, W: tl.constexpr, WB: tl.constexpr, K: tl.constexpr):
+    """Word ``W`` of a chunk's bitstream, as int32 (its low ``WB`` bits; the caller's store
+    truncates): bits [WB W, WB (W + 1)) of the codes at bit positions ``pos`` (a code that
+    straddles the word's start contributes its high bits). The shift amounts and selects are
+    constants per register, so what remains per code is a shift and an add (or one LEA)."""
+    d = pos - WB * W
+    inside = (d >= 0) & (d < WB)
+    left = code << tl.where(inside, d, 0)
+    tail = (d < 0) & (d > -K)
+    right = code >> tl.where(tail, -d, 0)
+    part = tl.where(inside, left, tl.where(tail, right, 0))
+    return tl.sum(tl.sum(part, axis=3), axis=0)
+
+
+@triton.jit
+def fused_pack_chunk_kernel(
+    x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+    gd_ptr, n, nblocks, nbytes,
+    B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
+    FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+    AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+    ALAST: tl.constexpr,
+    LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr, SEARCH: tl.constexpr,
+    BREF: tl.constexpr, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr,
+    NTAB: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr,
+    PNE: tl.constexpr, PELO: tl.constexpr,
+    SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
+    K: tl.constexpr, CG: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``fused_pack_kernel`` with each thread holding chunks of ``CG`` consecutive groups
+    (B % (8 CG) == 0; CG = 4 or 2): the tile is [CG, ROWS, BP // (8 CG), 8] (group within the
+    chunk, block, chunk, value) and Triton keeps the short leading axis in registers, so a
+    chunk's 8 CG codes are K whole words of 8 CG bits (``out_ptr``: the byte buffer viewed as
+    int32 or int16), stored without byte stores or layout conversions. The block scale is
+    stored from the words' layout (by the thread of the row's first chunk) for the same
+    reason. Every thread reads 16 CG contiguous bytes (CG vector loads), not one vector of a
+    fully coalesced warp-wide run as in ``fused_pack_kernel``: the same bytes from DRAM, more
+    L1 wavefronts per load."""
+    pid = tl.program_id(0).to(tl.int64)
+    WB: tl.constexpr = 8 * CG  # bits per word: 8 CG codes of K bits are K words
+    NC: tl.constexpr = BP // WB  # chunks per (padded) row
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    grp = tl.arange(0, CG)[:, None, None, None]
+    ch = tl.arange(0, NC)
+    j = tl.arange(0, 8)[None, None, None, :]
+    col = ch[None, None, :, None] * WB + grp * 8 + j
+    offs = rows[None, :, None, None] * B + col
+    if MASKED:
+        mask = (col < B) & (offs < n)
+        xin = tl.load(x_ptr + offs, mask=mask, other=0)
+    else:
+        xin = tl.load(x_ptr + offs)
+    x = _to_f32(xin)
+    if xin.dtype == tl.float16:  # exact in fp16, two values per instruction
+        absmax = tl.max(tl.max(tl.max(tl.abs(xin), axis=3), axis=0), axis=1).to(tl.float32)
+    else:
+        absmax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=0), axis=1)
+    s, stored = _block_scale(absmax, gd_ptr, SCALE_DT, EMAX)
+    sd, r, k = _reciprocal(s, stored, DIV)
+    xn = _divide(
+        x, sd[None, :, None, None], r[None, :, None, None], k[None, :, None, None], gd_ptr, DIV
+    )
+    code = _code(
+        xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+        FAMILY, AM, AEMIN, AVM, AV2, AHI, ALO, AZERO, ALAST, LOGP, REG_LEVELS, STEP, 4, SEARCH,
+        BREF, BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
+    )  # fmt: skip
+    widx = (rows[:, None] * (B // WB) + ch[None, :]) * K  # the chunk's first word
+    # the scale pointer as a function of widx (row = widx // (K B / WB) where ch == 0): a
+    # pointer in rows alone is contiguous along them, and Triton would store it from another
+    # layout (a shared-memory round trip and a barrier)
+    st = tl.broadcast_to(_to_out(stored, scale_ptr.dtype.element_ty)[:, None], (ROWS, NC))
+    sptr = scale_ptr + widx // (K * (B // WB))
+    if MASKED:
+        code = tl.where(mask, code, 0)
+        tl.store(sptr, st, mask=(ch[None, :] == 0) & (rows[:, None] < nblocks))
+    else:
+        tl.store(sptr, st, mask=ch[None, :] == 0)
+    pos = (grp * 8 + j) * K
+    for w in tl.static_range(K):
+        word = _chunk_word(code, pos, w, WB, K).to(out_ptr.dtype.element_ty)
+        if MASKED:
+            ok = (ch[None, :] * WB < B) & ((widx + w) * CG < nbytes)
+            tl.store(out_ptr + widx + w, word, mask=ok)
+        else:
+            tl.store(out_ptr + widx + w, word)
 
 
 @triton.jit
