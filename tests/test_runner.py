@@ -636,3 +636,18 @@ def test_pretokenize_equals_lazy_tokenization(setup: dict) -> None:
         assert toks == fresh.tok_encode(*key), key
     for (ctx, cont), pair in lm._pair_cache.items():
         assert pair == fresh._encode_pair(ctx, cont)
+
+
+def test_an_in_memory_model_does_not_warn_in_every_log(setup: dict, caplog) -> None:
+    """HFLM warns that it was handed a model object, once per model and job; every job here
+    does that on purpose, so the line is dropped, and HFLM's other warnings are kept."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    with caplog.at_level(logging.INFO, logger=HFLM.__module__):
+        _lm(setup, 4)
+        logging.getLogger(HFLM.__module__).warning("another HFLM warning")
+    texts = [r.getMessage() for r in caplog.records]
+    assert not [t for t in texts if "already-initialized model" in t], texts
+    assert "another HFLM warning" in texts

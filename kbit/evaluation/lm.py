@@ -20,6 +20,7 @@ checked against lm-eval's command line by the fidelity tests.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -31,6 +32,17 @@ from kbit.evaluation.progress import Progress
 
 #: log-softmax dtypes: "auto" is HFLM's default (the model's dtype)
 SOFTMAX_DTYPES = ("float32", "auto")
+#: HFLM's warning for an in-memory model, which is how every job here builds it (one process
+#: per job): said once per model in every evaluation log, it tells the reader nothing
+_IN_MEMORY_WARNING = "Passed an already-initialized model through `pretrained`"
+
+
+class _DropInMemoryWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_IN_MEMORY_WARNING)
+
+
+logging.getLogger(HFLM.__module__).addFilter(_DropInMemoryWarning())
 
 
 class ScoringLM(HFLM):
