@@ -16,7 +16,6 @@ from synthetic import analysed
 import kbit.analysis.claims as claims_mod
 from kbit.analysis.claims import (
     FAILS,
-    GPTQ_PERPLEXITY,
     HOLDS,
     NA,
     Claim,
@@ -27,6 +26,7 @@ from kbit.analysis.claims import (
     load_findings,
     render_claims,
 )
+from kbit.analysis.curves import GPTQ_PERPLEXITY
 from kbit.analysis.report import claims_html, runs_html, scores_html
 
 # The workflow registers every module's findings; so do the tests, so that no test depends on

@@ -55,6 +55,7 @@ from kbit.analysis.curves import (
     BASELINE,
     budget_grid,
     build_curves,
+    gptq_metric,
     interp,
     perplexity_target,
     variation_groups,
@@ -92,8 +93,6 @@ RATIO_RANGE = (0.5, 2.0)
 STRONG_R = -0.8
 MIN_RUNS_R = 5
 N_GRID = 21
-#: finding 11: the GPTQ-convention WikiText-2 perplexity (2048-token windows), preferred
-GPTQ_PERPLEXITY = "wikitext2_gptq:perplexity"
 #: finding 11: the paper's Table 1, WikiText-2 perplexity: block size -> (2-bit GPTQ, 3-bit float)
 PAPER_TABLE_1 = {64: (9.18, 9.99), 256: (10.00, 10.38), 1024: (11.84, 13.26)}
 #: modules whose findings the workflow checks besides these (imported by load_findings)
@@ -972,12 +971,8 @@ def perplexity_tracks_accuracy(d: ClaimData, cl: Claim) -> None:
 
 
 def gptq_target(d: ClaimData) -> str:
-    """Finding 11's metric: GPTQ-convention WikiText-2 perplexity, else WikiText word
-    perplexity, else mean zero-shot accuracy."""
-    targets = set(d.scores["target"])
-    if GPTQ_PERPLEXITY in targets:
-        return GPTQ_PERPLEXITY
-    return d.ppl if d.ppl is not None else ACCURACY_TARGET
+    """Finding 11's metric (:func:`kbit.analysis.curves.gptq_metric` over the scores)."""
+    return gptq_metric(d.scores["target"], d.ppl)
 
 
 def _spec_col(df: pd.DataFrame, col: str, default) -> pd.Series:

@@ -9,7 +9,7 @@ proxy quantization, centering) are found from the spec fields in the data, never
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,16 @@ def curve_targets(scores: pd.DataFrame) -> list[str]:
     windows = scores[scores["output_type"] == "perplexity_windows"]
     out += sorted(set(windows.loc[windows["metric"] == "perplexity", "target"]))
     return out
+
+
+#: the GPTQ paper's WikiText-2 perplexity (2048-token windows): Table 1's and Figure 5's metric
+GPTQ_PERPLEXITY = "wikitext2_gptq:perplexity"
+
+
+def gptq_metric(targets: Iterable[str], ppl: str | None) -> str:
+    """What GPTQ is compared on: the GPTQ-convention WikiText-2 perplexity when the run has it,
+    else ``ppl`` (the run's perplexity target), else mean zero-shot accuracy."""
+    return GPTQ_PERPLEXITY if GPTQ_PERPLEXITY in set(targets) else ppl or ACCURACY_TARGET
 
 
 def perplexity_target(targets: Sequence[str]) -> str | None:

@@ -32,6 +32,7 @@ from kbit.analysis.curves import (
     ACCURACY_TARGET,
     build_curves,
     curve_label,
+    gptq_metric,
     perplexity_target,
     variation_groups,
 )
@@ -753,17 +754,6 @@ def fig_gptq(c: pd.DataFrame, target: str) -> MplFigure:
     return fig
 
 
-def gptq_figure_target(curves: pd.DataFrame) -> str:
-    """Figure 5's metric, as finding 11's: GPTQ-convention WikiText-2 perplexity, else the
-    run's perplexity target, else mean zero-shot accuracy."""
-    from kbit.analysis.claims import GPTQ_PERPLEXITY  # claims imports this module
-
-    targets = list(curves["target"].unique()) if not curves.empty else []
-    if GPTQ_PERPLEXITY in targets:
-        return GPTQ_PERPLEXITY
-    return perplexity_target(targets) or ACCURACY_TARGET
-
-
 def fig_ppl_vs_acc(scores: pd.DataFrame, ppl: str | None) -> MplFigure:
     _need(ppl is not None, "a perplexity task (e.g. wikitext word_perplexity) and mean accuracy")
     marked = mark_diverged(scores, scores)
@@ -958,7 +948,7 @@ def _jobs(
         (
             "fig5_gptq_blocking",
             CAPTIONS["fig5_gptq_blocking"],
-            lambda: fig_gptq(curves, gptq_figure_target(curves)),
+            lambda: fig_gptq(curves, gptq_metric(curves.get("target", []), ppl)),
         ),
         (
             "fig_optimal_precision",
