@@ -295,6 +295,29 @@ def test_exact_midpoints_take_the_lower_code(device: str, name: str) -> None:
         assert same(kernels.fake_quantize_blockwise(x, cb, None, torch.float32), y_ref)
 
 
+@pytest.mark.parametrize("table", [0, 255])
+def test_int_packing_midpoint_table(device: str, table: int) -> None:
+    """Int codebooks pack with the midpoint read from a table indexed by the arithmetic
+    position (``KernelConfig.int_mid_table``) or computed from both neighbours (0): both give
+    the reference codes on every midpoint, its float neighbours and every entry, in fused
+    blocks of scale 1 (each block holds 1.0) and per tensor."""
+    from kbit.kernels.launch import KernelConfig
+
+    cfg = KernelConfig(int_mid_table=table)
+    inf = torch.tensor(math.inf)
+    for k in (2, 3, 4, 5, 8):
+        cb = codebook("int", k)
+        mids = (cb[:-1] + cb[1:]) / 2
+        vals = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), cb])
+        blocks = torch.cat([vals.view(-1, 1), torch.zeros(vals.numel(), 63)], 1)
+        blocks[:, 1] = 1.0
+        x = blocks.reshape(-1).float().to(device)
+        for block in (64, None):
+            codes, _, _ = _reference(x, cb, block, torch.float32)
+            packed, _ = kernels.quantize_blockwise(x, cb, block, torch.float32, k, config=cfg)
+            assert same(packed, pack(codes, k)), (k, block, table)
+
+
 def test_division_is_correctly_rounded(device: str) -> None:
     """Random values around every midpoint of an 8-bit table, with scales that are not powers
     of two, for fp16 (fused, block reciprocal) and fp32 (div_rn) paths: an approximate

@@ -91,7 +91,23 @@ class KernelConfig:
 
     ``mid_launch``: (smallest block, largest block, tile, values per thread) overriding
     ``tile`` / ``per_thread`` for fused fake quantization through ``bucket-mid`` (measured on
-    an H100, benchmarks/kernels_notes.md, "v5").
+    an H100, benchmarks/kernels_notes.md, "v5"). ``pair_wide``: (smallest table, tile, values
+    per thread) for fused fake quantization through ``pair-smem`` with a uniform or log index
+    of at least that many entries: each program copies the table into shared memory once, so
+    a larger tile halves that cost (on an H200 +3 to +6 points of copy for quantile8's 1024
+    entries; 0 to -3 for the 512-entry nf8 and float8 tables at B <= 256, and the per-binade
+    index, whose word table is a second dependent read, lost 3-5; "v8").
+
+    ``pack_warp``: (tile, largest table): fused packing runs one-warp programs of that many
+    values (``pack_per_thread`` each) where a padded block fits and the code needs no
+    shared-memory table or one of at most that many entries. Inside one warp Triton moves
+    the packed words to their store layout, and gathers from a small table, with warp
+    shuffles instead of shared memory and barriers (on an H200: int4 at B = 256 61 -> 83%,
+    nf4 58 -> 78%, mxfp6 34 -> 64%; larger tables lose: a gather from 128 entries through
+    shuffles cost dynamic4 20 points; "v8").
+    ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
+    from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
+    instructions per value than computing it from both neighbours.
     """
 
     tile: int = 2048
@@ -111,11 +127,14 @@ class KernelConfig:
     dequant_warps: int = 4
     max_fused_block: int = 4096
     pack_chunks: bool = False
+    int_mid_table: int = 255
     absmax_chunk: int = 4096
     mid_launch: tuple[tuple[int, int, int, int], ...] = (
         (128, 256, 4096, 32),
         (512, 2048, 2048, 32),
     )
+    pair_wide: tuple[int, int, int] = (1024, 4096, 16)
+    pack_warp: tuple[int, int] = (1024, 32)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -490,6 +509,9 @@ def _build_code_args(
         fam = arith.detect(cpu)
         if isinstance(fam, arith.IntCode):
             kw.update(FAMILY=tk.FAMILY_INT, AM=fam.m, AHI=fam.rhi, ALO=fam.rlo, ALAST=fam.m)
+            if pack and fam.m <= cfg.int_mid_table:
+                ptrs["mid"] = _int_midpoints(cpu, device)
+                kw.update(SEARCH=_SEARCH_MODES["pair-smem"], NTAB=ptrs["mid"].numel())
         else:
             kw.update(FAMILY=tk.FAMILY_FLOAT, AM=fam.mantissa_bits, AEMIN=fam.emin_bits,
                       AVM=fam.vmax, AV2=fam.vmax2, AHI=fam.rhi, ALO=fam.rlo,
@@ -509,6 +531,15 @@ def _build_code_args(
         if ba["cb"] is not None:
             ptrs["cb"] = ba["cb"]
     return ptrs, kw
+
+
+def _int_midpoints(cb: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """fp32 midpoints ``(cb[j] + cb[j + 1]) * 0.5`` of an int codebook (the kernel's own
+    operations, IEEE on the CPU), padded with +inf to a power of two."""
+    mids = (cb[:-1] + cb[1:]) * 0.5
+    pad = torch.full((_pow2(mids.numel()),), math.inf, dtype=torch.float32)
+    pad[: mids.numel()] = mids
+    return pad.to(device)
 
 
 def _element_args(fmt: arith.ElementCode, device: torch.device) -> tuple[dict, dict]:
@@ -577,12 +608,28 @@ def _pack_chunk(bits: int, block: int, cfg: KernelConfig) -> int:
     return 4 if block % 32 == 0 else 2 if block % 16 == 0 else 0
 
 
-def _fake_launch(cfg: KernelConfig, block: int, search: int, family: int) -> tuple[int, int]:
-    """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch``)."""
-    if family == tk.FAMILY_TABLE and search == _SEARCH_MODES["bucket-mid"]:
+def _pack_tile(cfg: KernelConfig, bp: int, kw: dict) -> int:
+    """Values per program of the fused packing kernel (see ``pack_warp``)."""
+    warp_tile, warp_table = cfg.pack_warp
+    table = kw["SEARCH"] in (_SEARCH_MODES["pair-smem"], _SEARCH_MODES["bucket-smem"])
+    if bp <= warp_tile and (not table or kw["NTAB"] <= warp_table):
+        return warp_tile
+    return cfg.pack_tile
+
+
+def _fake_launch(cfg: KernelConfig, block: int, kw: dict) -> tuple[int, int]:
+    """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch`` and
+    ``pair_wide``)."""
+    if kw["FAMILY"] != tk.FAMILY_TABLE:
+        return cfg.tile, cfg.per_thread
+    if kw["SEARCH"] == _SEARCH_MODES["bucket-mid"]:
         for lo, hi, tile, per_thread in cfg.mid_launch:
             if lo <= block <= hi:
                 return tile, per_thread
+    wide_ntab, tile, per_thread = cfg.pair_wide
+    smem_pairs = kw["SEARCH"] == _SEARCH_MODES["pair-smem"]
+    if smem_pairs and kw["PLAY"] != pairs.LAYOUT_BINADE and kw["NTAB"] >= wide_ntab:
+        return tile, per_thread
     return cfg.tile, cfg.per_thread
 
 
@@ -653,8 +700,8 @@ def _launch(
     gd = sc.gd if sc.gd is not None else _dummy(x.device)
     if _use_fused(block_size, pack, cfg):
         bp = _pow2(block)
-        tile, per_thread = _fake_launch(cfg, block, kw["SEARCH"], kw["FAMILY"])
-        rows = max(1, (cfg.pack_tile if pack else tile) // bp)
+        tile, per_thread = _fake_launch(cfg, block, kw)
+        rows = max(1, (_pack_tile(cfg, bp, kw) if pack else tile) // bp)
         masked = bp != block or n % (rows * block) != 0
         grid = (-(-nblocks // rows),)
         if not pack:
@@ -824,18 +871,6 @@ def microscaling(dtype: str, bits: int, exponent_bits: int | None, block_size: i
     return Microscaling(fmt, int(spec.block_size), scale, bits, element_grid(spec).values)
 
 
-def nvfp_global_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, RN(6 g)) on x's device, 1-element fp32 tensors: NVFP4's per-tensor scale
-    ``amax / (448 * 6)`` and the block-scale denominator. The same operations as
-    ``kbit.blockwise`` (which divides on the CPU because a CUDA division by a Python scalar
-    goes through its reciprocal): an elementwise tensor division is IEEE on every device, so
-    no host synchronisation is needed."""
-    lo, hi = torch.aminmax(x.detach())  # one pass; abs() would write a copy of x first
-    amax = torch.maximum(-lo, hi).float().reshape(1)
-    g = amax / torch.full((1,), _E4M3_MAX * 6.0, dtype=torch.float32, device=x.device)
-    return g, 6.0 * g
-
-
 _x_values: dict[tuple, torch.Tensor] = {}
 
 
@@ -878,24 +913,40 @@ def division_mismatches(
 _E4M3_POSITIVE: dict[str, torch.Tensor] = {}
 
 
-def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> torch.Tensor:
-    """Device ``[g, RN(6 g), flag]`` for NVFP4. The flag allows the block-reciprocal division:
-    a check on the device compares it with div_rn on every value of x's dtype up to the
-    tensor's absmax (no block holds larger ones) and every block scale the format can
-    produce here (the 126 positive E4M3 values times g); any difference must stay below the
-    element grid's smallest midpoint. fp32 inputs always divide with div_rn."""
-    g, denom = nvfp_global_scale(x)
-    flag = torch.zeros(1, dtype=torch.float32, device=x.device)
-    if cfg.fast_div and x.dtype in (torch.float16, torch.bfloat16):
-        key = str(x.device)
-        if key not in _E4M3_POSITIVE:
-            e = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-            _E4M3_POSITIVE[key] = e.to(x.device)
-        scales = _E4M3_POSITIVE[key] * g
-        amax = g * (_E4M3_MAX * 6.0 * (1.0 + 2.0**-20))
-        out = division_mismatches_async(x.dtype, scales, tk.DIV_RECIP, amax.expand_as(scales))
-        flag = ((out[:1] == 0) | (out[1:] < _min_abs_mid(fmt.grid))).float()
-    return torch.cat([g, denom, flag])
+#: values per program of NVFP4's absmax pass (32 per thread of 16 warps)
+NV_ABSMAX_CHUNK = 16384
+
+
+def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> tuple[torch.Tensor, int]:
+    """(device ``[g, RN(6 g), pairs that forbid the shortcut, amax, NaNs]``, division mode)
+    for NVFP4, in three launches and no host synchronisation: a zeroed buffer, the absmax
+    pass (``nv_absmax_kernel``) and ``nv_scale_kernel``, which derives g as
+    ``kbit.blockwise`` does (``amax / (448 * 6)``, IEEE) and checks the block-reciprocal
+    division against div_rn on every value of x's dtype up to the tensor's absmax (no block
+    holds larger ones) and every block scale the format can produce here (the 126 positive
+    E4M3 values times g);
+    a difference counts only where it could change a code (a quotient at or above the
+    element grid's smallest midpoint). fp32 inputs always divide with div_rn."""
+    gd = torch.zeros(5, dtype=torch.float32, device=x.device)
+    n = x.numel()
+    xb = _bits_view(x.contiguous().view(-1))
+    if n:
+        grid = (-(-n // NV_ABSMAX_CHUNK),)
+        tk.nv_absmax_kernel[grid](xb, gd, n, C=NV_ABSMAX_CHUNK, num_warps=16)
+    fast = cfg.fast_div and x.dtype in (torch.float16, torch.bfloat16)
+    if not fast:
+        tk.nv_scale_kernel[(1, 1)](gd, gd, gd, 0.0, NX=16, CHECK=False, num_warps=1)
+        return gd, tk.DIV_EXACT
+    key = str(x.device)
+    if key not in _E4M3_POSITIVE:
+        e = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        _E4M3_POSITIVE[key] = e.to(x.device)
+    xs = _all_values(x.dtype, x.device)
+    e = _E4M3_POSITIVE[key]
+    tk.nv_scale_kernel[(e.numel(), xs.numel() // 4096)](
+        _bits_view(xs), e, gd, _min_abs_mid(fmt.grid), NX=4096, CHECK=True, num_warps=4
+    )
+    return gd, tk.DIV_RECIP_IF
 
 
 def _mx_scaling(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig):
@@ -911,8 +962,8 @@ def _mx_scaling(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig):
             return stored, torch.ldexp(torch.ones_like(d), d)
 
         return sc, two_pass, None
-    gd = _nv_gd(x, fmt, cfg)
-    sc = _Scaling(tk.SCALE_E4M3, 0, tk.DIV_RECIP_IF, torch.uint8, gd)
+    gd, div = _nv_gd(x, fmt, cfg)
+    sc = _Scaling(tk.SCALE_E4M3, 0, div, torch.uint8, gd)
 
     def two_pass_nv(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         den = gd[1:2].expand_as(absmax)

@@ -41,6 +41,8 @@ _TWO23 = _F32(8388608.0)
 #: largest number of buckets a table may have
 MAX_BUCKETS = 4096
 LAYOUTS = ("auto", "uniform", "log", "binade")
+#: ``PairTables.layout`` of the per-binade index (its word table is a dependent read)
+LAYOUT_BINADE = 1
 _INDEX_COST = {0: 0, 2: 1, 1: 2}
 
 

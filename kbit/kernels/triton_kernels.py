@@ -209,13 +209,14 @@ def _divide(x, sd, r, k, gd_ptr, DIV: tl.constexpr):
     """x / s with IEEE rounding (see the module docstring); 0 where s == 0. ``sd, r, k``
     from ``_reciprocal``, broadcastable to ``x``. DIV=4: the reciprocal division where the
     device-side flag ``gd_ptr[2]`` (set by ``division_check_kernel``'s verdict) allows it,
-    ``div_rn`` otherwise (one branch per program)."""
+    ``div_rn`` otherwise (one branch per program): ``gd_ptr[2]`` counts the pairs where
+    the shortcut could change a code (``nv_scale_kernel``); 0 allows it."""
     if DIV == 0:
         xn = _exact_div(x, sd)
     elif DIV == 3:
         xn = x * r
     elif DIV == 4:
-        if tl.load(gd_ptr + 2) != 0.0:  # noqa: SIM108 (a branch per program, not a select)
+        if tl.load(gd_ptr + 2) == 0.0:  # noqa: SIM108 (a branch per program, not a select)
             xn = _recip_div(x, sd, r)
         else:
             xn = _exact_div(x, sd)
@@ -239,6 +240,14 @@ def _div_const(v, AHI: tl.constexpr, ALO: tl.constexpr):
 
 
 @triton.jit
+def _int_index(xn, AM: tl.constexpr):
+    """``j + 2^23`` as fp32 (``_int_pair``): the answer is code j or j + 1, 0 <= j < m."""
+    n2 = tl.fma(xn, AM * 1.0, AM + 8388608.0)
+    n2 = tl.minimum(tl.maximum(n2, 8388608.0), 8388608.0 + (2 * AM - 1))
+    return tl.fma(n2, 0.5, 4194303.75)  # 2^22 - 1/4 (N = 0 lands on a tie that rounds to 2^23)
+
+
+@triton.jit
 def _int_pair(xn, AM: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr):
     """Int grid ``RN((2i - m) / m)``: (j + 2^23 as fp32, cb[j], cb[j+1], xn > midpoint).
 
@@ -246,9 +255,7 @@ def _int_pair(xn, AM: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr):
     magic FMA: ``RN(2^23 + N/2 - 1/4)``) put the answer in {j, j+1} wherever it is; both
     entries are ``fma(a, hi, a lo)``, checked exact for every ``a = 2i - m``.
     """
-    n2 = tl.fma(xn, AM * 1.0, AM + 8388608.0)
-    n2 = tl.minimum(tl.maximum(n2, 8388608.0), 8388608.0 + (2 * AM - 1))
-    jf = tl.fma(n2, 0.5, 4194303.75)  # 2^22 - 1/4 (N = 0 lands on a tie that rounds to 2^23)
+    jf = _int_index(xn, AM)
     a = tl.fma(jf, 2.0, -(16777216.0 + AM))
     b = a + 2.0
     lo = _div_const(a, AHI, ALO)
@@ -584,8 +591,16 @@ def _code(xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
           BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr, NTAB: tl.constexpr,
           PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr, PNE: tl.constexpr,
           PELO: tl.constexpr):  # fmt: skip
-    """Integer codes (positions in the sorted codebook) of normalized values."""
-    if FAMILY == 1:
+    """Integer codes (positions in the sorted codebook) of normalized values.
+
+    FAMILY=1 with SEARCH=5: j from ``_int_index`` and the midpoint ``mid[j]`` read from a
+    shared-memory copy of the NTAB-entry table at ``mid_ptr`` (one conflict-free read for
+    k <= 5) instead of computed from both neighbours (8 instructions)."""
+    if FAMILY == 1 and SEARCH == 5:
+        j = _int_index(xn, AM).to(tl.int32, bitcast=True) - 0x4B000000
+        mid = _smem_gather(tl.load(mid_ptr + tl.arange(0, NTAB)), j)
+        code = j + (xn > mid).to(tl.int32)
+    elif FAMILY == 1:
         jf, _, _, up = _int_pair(xn, AM, AHI, ALO)
         code = (jf.to(tl.int32, bitcast=True) - 0x4B000000) + up.to(tl.int32)
     elif FAMILY == 2:
@@ -883,6 +898,48 @@ def flat_kernel(
         byte = ((words[:, None] >> (b * 8).to(words.dtype)[None, :]) & 255).to(tl.uint8)
         pos = g[:, None] * K + b[None, :]
         tl.store(out_ptr + pos, byte, mask=(b[None, :] < K) & (pos < nbytes))
+
+
+@triton.jit
+def nv_absmax_kernel(x_ptr, gd_ptr, n, C: tl.constexpr):
+    """NVFP4's tensor absmax, first pass: the absmax of C values per program (one load, so
+    that all of a program's reads are in flight at once) raised into ``gd[3]`` by an atomic
+    max (non-negative fp32), NaNs counted into ``gd[4]`` (``gd`` zeroed before)."""
+    offs = tl.program_id(0).to(tl.int64) * C + tl.arange(0, C)
+    a = tl.abs(_to_f32(tl.load(x_ptr + offs, mask=offs < n, other=0)))
+    tl.atomic_max(gd_ptr + 3, tl.max(tl.where(a != a, 0.0, a), axis=0))
+    bad = tl.sum((a != a).to(tl.int32), axis=0)
+    if bad > 0:
+        tl.atomic_add(gd_ptr + 4, bad.to(tl.float32))
+
+
+@triton.jit
+def nv_scale_kernel(x_ptr, e_ptr, gd_ptr, min_mid, NX: tl.constexpr, CHECK: tl.constexpr):
+    """NVFP4's global scale and division check, second pass (grid (126, values / NX), or
+    (1, 1) without CHECK): ``g = amax / 2688`` and ``RN(6 g)`` into ``gd[0:2]`` (every
+    program writes the same values), and into ``gd[2]`` the number of pairs (every value
+    ``x`` of the input dtype, in ``x_ptr``, up to the tensor's absmax, against the block
+    scale ``e[pid0] * g``) where the block-reciprocal division differs from ``div_rn`` by
+    a quotient that reaches the element grid's smallest midpoint ``min_mid``: 0 allows the
+    shortcut (``_divide``, DIV=4)."""
+    amax = tl.load(gd_ptr + 3 + tl.zeros([1], tl.int32))
+    amax = tl.where(tl.load(gd_ptr + 4 + tl.zeros([1], tl.int32)) > 0, float("nan"), amax)
+    g = tl.math.div_rn(amax, tl.full([1], 2688.0, tl.float32))
+    denom = g * 6.0
+    first = tl.zeros([1], tl.int32) + tl.program_id(0) + tl.program_id(1) == 0
+    tl.store(gd_ptr + tl.arange(0, 1), g, mask=first)
+    tl.store(gd_ptr + 1 + tl.arange(0, 1), denom, mask=first)
+    if CHECK:
+        s = tl.load(e_ptr + tl.program_id(0) + tl.zeros([1], tl.int32)) * g
+        lim = g * 2688.0025634765625  # 448 * 6 * (1 + 2^-20): no block holds larger |x|
+        x = _to_f32(tl.load(x_ptr + tl.program_id(1) * NX + tl.arange(0, NX)))
+        sd, r, k = _reciprocal(s, s, 1)
+        fast = _divide(x, sd, r, k, gd_ptr, 1)  # DIV_RECIP
+        ref = _divide(x, s, s, s, gd_ptr, 0)  # DIV_EXACT
+        diff = fast.to(tl.int32, bitcast=True) != ref.to(tl.int32, bitcast=True)
+        diff = diff & ((fast != 0.0) | (ref != 0.0)) & (tl.abs(x) <= lim)
+        diff = diff & (tl.maximum(tl.abs(fast), tl.abs(ref)) >= min_mid)
+        tl.atomic_add(gd_ptr + 2, tl.sum(diff.to(tl.float32), axis=0))
 
 
 @triton.jit

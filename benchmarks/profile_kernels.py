@@ -1,0 +1,178 @@
+"""Kernel variants side by side, and one profiled launch of each for Nsight Compute.
+
+    python benchmarks/profile_kernels.py --out OUT --cases pack:int4:64,fake:dynamic8:64 \
+        --variants "base=;nomid=int_mid_table:0;t2048=pack_tile:2048,pack_per_thread:16"
+
+A case is ``fake|pack:<codebook or microscaling spec>:<block>`` (``pack:int4:64``,
+``fake:nvfp4:16``). A variant is ``name=field:value,...`` over ``KernelConfig`` fields (empty:
+the defaults). ``--time`` (default) times every case under every variant against the device
+copy in one run (medians of ``do_bench``) and checks that each variant's output equals the
+first variant's bit for bit. ``--profile`` runs each (case, variant) once between
+``cudaProfilerStart``/``Stop`` after a warm-up, for
+
+    ncu --profile-from-start off --clock-control none --section ... python profile_kernels.py \
+        --profile ...
+
+``--trace`` writes a torch profiler table of one call per case (every launch a call makes,
+e.g. NVFP4's global absmax and division check). Results: OUT/profile_<gpu>.json and a
+markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kbit import kernels
+from kbit.codebooks import codebook
+from kbit.kernels.launch import DEFAULT_CONFIG, KernelConfig
+from kbit.spec import QuantSpec
+
+
+def parse_variants(text: str) -> dict[str, KernelConfig]:
+    """``name=field:value,...;name2=...`` -> configs (values parsed as int, else str; tuple
+    fields as ``a/b/c``)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, fields = part.partition("=")
+        kw: dict = {}
+        for item in filter(None, fields.split(",")):
+            key, _, val = item.partition(":")
+            if key not in DEFAULT_CONFIG.__dataclass_fields__:
+                known = ", ".join(DEFAULT_CONFIG.__dataclass_fields__)
+                raise ValueError(
+                    f"variant {name!r}: no KernelConfig field {key!r}; fields: {known}"
+                )
+            default = getattr(DEFAULT_CONFIG, key)
+            if isinstance(default, tuple):  # pack_warp:1024/32 -> (1024, 32)
+                kw[key] = tuple(int(v) for v in val.split("/"))
+            else:
+                kw[key] = type(default)(int(val)) if isinstance(default, bool | int) else val
+        out[name] = replace(DEFAULT_CONFIG, **kw)
+    return out
+
+
+def make_call(case: str, x: torch.Tensor, cfg: KernelConfig):
+    """(callable, bytes it must move) of one case under one config."""
+    op, name, block_s = case.split(":")
+    block = int(block_s)
+    n = x.numel()
+    m = re.fullmatch(r"(int|float|nf|dynamic|quantile)(\d)", name)
+    if m:
+        fam, k = m.group(1), int(m.group(2))
+        if fam == "quantile":
+            cb = codebook("quantile", k, data=x).to(torch.float16).float().unique()
+        else:
+            cb = codebook(fam, k)
+        if op == "fake":
+            return partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg), 4 * n
+        fn = partial(kernels.quantize_blockwise, x, cb, block, torch.float16, k, config=cfg)
+        return fn, 2 * n + -(-n * k // 8) + 2 * -(-n // block)
+    spec = QuantSpec.parse(name).replace(block_size=block)
+    extra = 2 * n if spec.dtype == "nvfp" else 0
+    if op == "fake":
+        return partial(kernels.fake_quantize_microscaling, x, spec, config=cfg), 4 * n + extra
+    fn = partial(kernels.quantize_microscaling, x, spec, config=cfg)
+    return fn, extra + 2 * n + -(-n * spec.bits // 8) + -(-n // block)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple | list):
+        return all(_same(u, v) for u, v in zip(a, b, strict=True))
+    if a is None or b is None:
+        return a is b
+    a, b = a.reshape(-1), b.reshape(-1)
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", required=True)
+    ap.add_argument("--variants", default="base=")
+    ap.add_argument("--numel", type=int, default=1 << 28)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    a = ap.parse_args()
+    import triton.testing
+
+    torch.manual_seed(0)
+    x = torch.randn(a.numel, dtype=torch.float16, device="cuda")
+    variants = parse_variants(a.variants)
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    gpu = torch.cuda.get_device_name().lower().replace(" ", "_")
+
+    def bench(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=100, rep=a.rep_ms, return_mode="median"))
+
+    if a.profile:
+        calls = [(c, v, make_call(c, x, cfg)[0]) for c in cases for v, cfg in variants.items()]
+        for _, _, fn in calls:  # compile and upload tables outside the profiled range
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for c, v, fn in calls:
+            torch.cuda.nvtx.range_push(f"{c}/{v}")
+            fn()
+            torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        print("profiled:", ", ".join(f"{c}/{v}" for c, v, _ in calls))
+        return
+    if a.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        for c in cases:
+            fn = make_call(c, x, DEFAULT_CONFIG)[0]
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"## trace {c} (3 calls)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    copy_gbs = 4 * a.numel / copy_ms / 1e6
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, {a.numel} fp16 values")
+    print("| case | " + " | ".join(variants) + " | same |")
+    print("|---|" + "---|" * (len(variants) + 1))
+    for c in cases:
+        ref = None
+        pct, same = [], True
+        for v, cfg in variants.items():
+            fn, nbytes = make_call(c, x, cfg)
+            out = fn()
+            if ref is None:
+                ref = out
+            else:
+                same = same and _same(ref, out)
+            ms = bench(fn)
+            p = 100 * nbytes / ms / 1e6 / copy_gbs
+            pct.append(p)
+            rows.append(dict(case=c, variant=v, ms=ms, pct=p))
+            del out
+        print(f"| {c} | " + " | ".join(f"{p:.1f}" for p in pct) + f" | {same} |", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = dict(gpu=torch.cuda.get_device_name(), copy_gbs=copy_gbs, numel=a.numel,
+               variants={k: str(v) for k, v in variants.items()}, rows=rows,
+               torch=torch.__version__, triton=triton.__version__)  # fmt: skip
+    (a.out / f"profile_{gpu}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/profile_kernels.py: variant parsing and the calls it times (Triton's interpreter
+on the CPU when available)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import profile_kernels
+
+
+def test_parse_variants() -> None:
+    v = profile_kernels.parse_variants("base=;w=pack_warp:4096/8,int_mid_table:0,search:arith")
+    assert list(v) == ["base", "w"]
+    assert v["w"].pack_warp == (4096, 8) and v["w"].int_mid_table == 0
+    assert v["w"].search == "arith" and v["base"] == profile_kernels.DEFAULT_CONFIG
+    with pytest.raises(ValueError, match="no KernelConfig field 'tile_size'"):
+        profile_kernels.parse_variants("x=tile_size:4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_calls_and_bytes() -> None:
+    """Each case runs, moves the bytes it should count, and two configs agree bit for bit
+    (in Triton's interpreter: a child pytest with TRITON_INTERPRET=1 unless already so)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"{__file__}::test_calls_and_bytes"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-4000:]
+        return
+    x = torch.randn(4096, dtype=torch.float16)
+    cfgs = profile_kernels.parse_variants("a=;b=int_mid_table:0,pack_warp:64/0")
+    n = x.numel()
+    want = {"pack:int4:64": 2 * n + n // 2 + 2 * (n // 64), "fake:nf4:64": 4 * n,
+            "fake:nvfp4:16": 6 * n, "pack:mxfp4:32": 2 * n + n // 2 + n // 32}  # fmt: skip
+    for case, nbytes in want.items():
+        (fa, ba), (fb, bb) = (profile_kernels.make_call(case, x, c) for c in cfgs.values())
+        assert ba == bb == nbytes, case
+        assert profile_kernels._same(fa(), fb()), case
