@@ -176,6 +176,10 @@ class Study:
         corpora = list(self.config.get("corpora", {}))
         return (standard if self.config.get("data_dir") is not None else []) + corpora
 
+    def task_dir(self, task: str) -> Path:
+        """Where ``prepare_task`` writes a local task (its yaml, data and source digests)."""
+        return Path(self.config["resources"]) / "tasks" / task
+
     def task_sources(self, task: str) -> list[str]:
         """The original files ``task`` is prepared from (inputs of its preparation job)."""
         from kbit.evaluation.convert import TASK_FILES
@@ -475,6 +479,55 @@ def _task_problems(study: Study) -> list[str]:
     return out
 
 
+#: beside a prepared task: the sha256 of each original file it was prepared from
+SOURCE_DIGESTS = "sources.sha256.json"
+
+
+def source_digests(paths: list[str]) -> list[list[str]]:
+    """[path, sha256] of each file, in order (a few MB per task: well under a second). The
+    order, not the path, pairs them with a later check, so a moved data folder still matches."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.append([str(p), h.hexdigest()])
+    return out
+
+
+def _source_problems(study: Study) -> list[str]:
+    """Prepared local tasks whose original files changed content since preparation.
+
+    The preparation job takes its sources as ``ancient`` inputs: a copied or re-created data
+    folder (new timestamps, same bytes) does not redo a study; changed bytes are caught here,
+    before any job, instead of being silently ignored."""
+    from kbit.evaluation.convert import TASK_FILES
+
+    out = []
+    for task in study.config["tasks"]:
+        if task not in TASK_FILES and task not in study.config.get("corpora", {}):
+            continue
+        record = study.task_dir(task) / SOURCE_DIGESTS
+        if not record.is_file():
+            continue
+        before = [d for _, d in json.loads(record.read_text())]
+        sources = study.task_sources(task)
+        if not all(Path(p).is_file() for p in sources):
+            continue  # reported by _task_problems
+        now = source_digests(sources)
+        changed = [p for i, (p, d) in enumerate(now) if i >= len(before) or before[i] != d]
+        if changed:
+            out.append(
+                f"tasks: {task} was prepared from other contents of {', '.join(changed)}; to "
+                f"prepare it again (and redo what depends on it) delete {study.task_dir(task)} "
+                "or run with --forcerun prepare_task"
+            )
+    return out
+
+
 def _calibration_problems(study: Study) -> list[str]:
     from kbit.calibration import DEFAULT_CORPUS, TASK_PREFIX
 
@@ -600,6 +653,7 @@ def check_inputs(study: Study, network: bool = False) -> None:
     problems = (
         _model_problems(study)
         + _task_problems(study)
+        + _source_problems(study)
         + _calibration_problems(study)
         + _lock_problems(study)
     )

@@ -10,8 +10,10 @@ claims, that a second run does nothing, and that a lost result is redone alone.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -160,3 +162,34 @@ def test_second_run_does_nothing_and_a_deleted_result_is_redone_alone(run: dict)
     assert victim.read_bytes() == content
     dry = _snakemake(tmp, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_task_files_with_new_timestamps_redo_nothing_changed_bytes_stop_the_run(
+    tmp_path: Path,
+) -> None:
+    """A copied or re-created data folder (same bytes, new timestamps) must not redo a study;
+    changed bytes stop the run before any job, naming the task and what to do."""
+    config = _smoke_config(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(config["data_dir"], data)
+    config["data_dir"] = str(data)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # hellaswag's file is over Snakemake's checksum size limit: only its timestamp would count
+    target = str(Path(config["resources"]) / "tasks" / "hellaswag" / "hellaswag.yaml")
+    _snakemake(tmp_path, target)
+    later = time.time() + 100
+    for f in data.rglob("*"):
+        os.utime(f, (later, later))
+    dry = _snakemake(tmp_path, "-n", target)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    source = next(p for p in (data / "hellaswag").rglob("*") if p.is_file())
+    source.chmod(0o644)
+    source.write_bytes(source.read_bytes() + b"\n")
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml",
+           "--cores", "1", "-n", target]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "tasks: hellaswag was prepared from other contents of" in out and str(source) in out

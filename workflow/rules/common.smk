@@ -32,8 +32,10 @@ def model_dir(wildcards):
 
 
 def task_sources(wildcards):
-    """The original files a local task is prepared from (a data-dir task or a corpus)."""
-    return STUDY.task_sources(wildcards.task)
+    """The original files a local task is prepared from (a data-dir task or a corpus), as
+    ancient inputs: new timestamps alone (a copied data folder) redo nothing; a change of
+    their contents stops the run before any job (``kbit.study._source_problems``)."""
+    return [ancient(p) for p in STUDY.task_sources(wildcards.task)]
 
 
 def task_inputs(tasks):
