@@ -479,25 +479,6 @@ def _task_problems(study: Study) -> list[str]:
     return out
 
 
-#: beside a prepared task: the sha256 of each original file it was prepared from
-SOURCE_DIGESTS = "sources.sha256.json"
-
-
-def source_digests(paths: list[str]) -> list[list[str]]:
-    """[path, sha256] of each file, in order (a few MB per task: well under a second). The
-    order, not the path, pairs them with a later check, so a moved data folder still matches."""
-    import hashlib
-
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out.append([str(p), h.hexdigest()])
-    return out
-
-
 def _source_problems(study: Study) -> list[str]:
     """Prepared local tasks whose original files changed content since preparation.
 
@@ -505,6 +486,7 @@ def _source_problems(study: Study) -> list[str]:
     folder (new timestamps, same bytes) does not redo a study; changed bytes are caught here,
     before any job, instead of being silently ignored."""
     from kbit.evaluation.convert import TASK_FILES
+    from kbit.evaluation.tasks import SOURCE_DIGESTS, source_digests
 
     out = []
     for task in study.config["tasks"]:

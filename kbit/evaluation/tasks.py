@@ -46,7 +46,7 @@ from kbit.evaluation.convert import (
     convert_corpus,
     convert_task,
 )
-from kbit.io import write_bytes
+from kbit.io import write_bytes, write_json
 
 __all__ = [
     "FULL_DOC_COUNTS",
@@ -192,6 +192,25 @@ def task_dir(work_dir: Path, task: str) -> Path:
     return Path(work_dir) / task
 
 
+#: beside a prepared task: the sha256 of each original file it was prepared from
+SOURCE_DIGESTS = "sources.sha256.json"
+
+
+def source_digests(paths: list[str]) -> list[list[str]]:
+    """[path, sha256] of each file, in order (a few MB per task: well under a second). The
+    order, not the path, pairs them with a later check, so a moved data folder still matches."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.append([str(p), h.hexdigest()])
+    return out
+
+
 def prepare_task(
     task: str,
     data_dir: Path | None,
@@ -205,9 +224,11 @@ def prepare_task(
     if corpus is not None:
         spec = _corpus_spec(task, corpus)
         data_file = out / f"{task}.jsonl"
-        convert_corpus(Path(spec.pop("path")), data_file, **spec)
+        corpus_path = Path(spec.pop("path"))
+        convert_corpus(corpus_path, data_file, **spec)
         text = yaml.safe_dump(corpus_task_config(task, data_file), sort_keys=False)
         write_bytes(text.encode("utf-8"), out / f"{task}.yaml", if_changed=True)
+        write_json(source_digests([str(corpus_path)]), out / SOURCE_DIGESTS)
         return out
     if task not in TASK_FILES:
         raise ValueError(f"no local definition of task {task!r}; local tasks: {STANDARD_TASKS}")
@@ -222,6 +243,8 @@ def prepare_task(
     template = (template_dir() / f"{task}.yaml").read_text(encoding="utf-8")
     rendered = render_template(template, out).encode("utf-8")
     write_bytes(rendered, out / f"{task}.yaml", if_changed=True)
+    write_json(source_digests([str(p) for p in task_files([task], Path(data_dir))]),
+               out / SOURCE_DIGESTS)  # fmt: skip
     return out
 
 
