@@ -98,8 +98,13 @@ def task_files(task_names: Sequence[str], data_dir: Path) -> list[Path]:
 
 
 def prepared_files(task_names: Sequence[str], work_dir: Path) -> list[Path]:
-    """Files :func:`prepare_tasks` writes for ``task_names`` (outputs for a workflow rule)."""
-    return [task_dir(work_dir, t) / f"{t}.{ext}" for t in task_names for ext in ("yaml", "jsonl")]
+    """Files :func:`prepare_tasks` writes for ``task_names``: definition, documents and the
+    digests of the original files (:data:`SOURCE_DIGESTS`)."""
+    return [
+        task_dir(work_dir, t) / name
+        for t in task_names
+        for name in (f"{t}.yaml", f"{t}.jsonl", SOURCE_DIGESTS)
+    ]
 
 
 def render_template(template: str, data_dir: Path) -> str:
