@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_quant import Case, _bench, _same, case_codebook
+
 from kbit import kernels
-from kbit.codebooks import codebook
 from kbit.kernels.launch import DEFAULT_CONFIG, KernelConfig
 from kbit.spec import QuantSpec
 
@@ -69,10 +70,7 @@ def make_call(case: str, x: torch.Tensor, cfg: KernelConfig):
     m = re.fullmatch(r"(int|float|nf|dynamic|quantile)(\d)", name)
     if m:
         fam, k = m.group(1), int(m.group(2))
-        if fam == "quantile":
-            cb = codebook("quantile", k, data=x).to(torch.float16).float().unique()
-        else:
-            cb = codebook(fam, k)
+        cb = case_codebook(Case(name, fam, k), x)
         if op == "fake":
             return partial(kernels.fake_quantize_blockwise, x, cb, block, config=cfg), 4 * n
         fn = partial(kernels.quantize_blockwise, x, cb, block, torch.float16, k, config=cfg)
@@ -85,13 +83,13 @@ def make_call(case: str, x: torch.Tensor, cfg: KernelConfig):
     return fn, extra + 2 * n + -(-n * spec.bits // 8) + -(-n // block)
 
 
-def _same(a, b) -> bool:
+def same_outputs(a, b) -> bool:
+    """``bench_quant._same`` over a call's outputs (a tensor, or a tuple with Nones)."""
     if isinstance(a, tuple | list):
-        return all(_same(u, v) for u, v in zip(a, b, strict=True))
+        return all(same_outputs(u, v) for u, v in zip(a, b, strict=True))
     if a is None or b is None:
         return a is b
-    a, b = a.reshape(-1), b.reshape(-1)
-    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return _same(a, b)
 
 
 def main() -> None:
@@ -104,7 +102,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--rep-ms", type=int, default=200)
     a = ap.parse_args()
-    import triton.testing
+    import triton
 
     torch.manual_seed(0)
     x = torch.randn(a.numel, dtype=torch.float16, device="cuda")
@@ -113,9 +111,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name().lower().replace(" ", "_")
 
     def bench(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=100, rep=a.rep_ms, return_mode="median"))
+        return _bench(fn, 100, a.rep_ms)
 
     if a.profile:
         calls = [(c, v, make_call(c, x, cfg)[0]) for c in cases for v, cfg in variants.items()]
@@ -160,7 +156,7 @@ def main() -> None:
             if ref is None:
                 ref = out
             else:
-                same = same and _same(ref, out)
+                same = same and same_outputs(ref, out)
             ms = bench(fn)
             p = 100 * nbytes / ms / 1e6 / copy_gbs
             pct.append(p)

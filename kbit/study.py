@@ -178,7 +178,9 @@ class Study:
 
     def task_dir(self, task: str) -> Path:
         """Where ``prepare_task`` writes a local task (its yaml, data and source digests)."""
-        return Path(self.config["resources"]) / "tasks" / task
+        from kbit.evaluation.tasks import task_dir
+
+        return task_dir(Path(self.config["resources"]) / "tasks", task)
 
     def task_sources(self, task: str) -> list[str]:
         """The original files ``task`` is prepared from (inputs of its preparation job)."""
@@ -485,13 +487,10 @@ def _source_problems(study: Study) -> list[str]:
     The preparation job takes its sources as ``ancient`` inputs: a copied or re-created data
     folder (new timestamps, same bytes) does not redo a study; changed bytes are caught here,
     before any job, instead of being silently ignored."""
-    from kbit.evaluation.convert import TASK_FILES
     from kbit.evaluation.tasks import SOURCE_DIGESTS, source_digests
 
     out = []
-    for task in study.config["tasks"]:
-        if task not in TASK_FILES and task not in study.config.get("corpora", {}):
-            continue
+    for task in study.local_tasks:
         record = study.task_dir(task) / SOURCE_DIGESTS
         if not record.is_file():
             continue

@@ -44,4 +44,4 @@ def test_calls_and_bytes() -> None:
     for case, nbytes in want.items():
         (fa, ba), (fb, bb) = (profile_kernels.make_call(case, x, c) for c in cfgs.values())
         assert ba == bb == nbytes, case
-        assert profile_kernels._same(fa(), fb()), case
+        assert profile_kernels.same_outputs(fa(), fb()), case

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,24 @@ def test_inputs_are_checked_before_any_job(tmp_path):
     assert "'piqaa' is neither a local task" in msg and "did you mean piqa" in msg
     assert "piqa needs piqa/valid.jsonl" in msg
     assert "calibrating on the documents that are scored" in msg
+
+
+def test_changed_task_sources_are_reported_and_a_null_data_dir_skips_them(tmp_path):
+    """The content check of prepared tasks: same bytes pass (any timestamps), changed bytes
+    name the task and file; with data_dir null the standard tasks are not local and a record
+    left from an earlier preparation is not read."""
+    from kbit.evaluation.tasks import prepare_task
+    from kbit.study import _source_problems
+
+    data = ROOT / "tests" / "data" / "eval"
+    copy_dir = tmp_path / "data"
+    shutil.copytree(data, copy_dir)
+    cfg = minimal() | {"data_dir": str(copy_dir), "resources": str(tmp_path / "res")}
+    study = build_study(cfg)
+    prepare_task("piqa", copy_dir, study.task_dir("piqa").parent)
+    assert _source_problems(study) == []
+    source = Path(study.task_sources("piqa")[0])
+    source.write_bytes(source.read_bytes() + b"\n")
+    (msg,) = _source_problems(study)
+    assert msg.startswith(f"tasks: piqa was prepared from other contents of {source};")
+    assert _source_problems(build_study(cfg | {"data_dir": None})) == []
