@@ -215,7 +215,8 @@ def test_block_sizes_and_paths(device: str, block: int | None, k: int) -> None:
 @pytest.mark.parametrize("block", [16, 32, 64, 96, 2048])
 def test_pack_chunk_kernel(device: str, block: int) -> None:
     """``fused_pack_chunk_kernel`` (blocks of a multiple of 16) against the reference and the
-    one-group-per-thread kernel, on whole tiles (the unmasked variant) and a ragged tail."""
+    one-group-per-thread kernel (16-byte and per-thread word stores; k = 6 stores int16
+    pieces), on whole tiles (the unmasked variant) and a ragged tail."""
     from kbit.kernels.launch import KernelConfig
 
     for n in (8192, 8192 + 8 * block - 24):
@@ -223,10 +224,15 @@ def test_pack_chunk_kernel(device: str, block: int) -> None:
             cb = codebook(name, k)
             x = _input(n, torch.float16, device, seed=k + block)
             ref_packed, scales, _ = _library(x, name, k, block, torch.float16)
-            for chunks in (True, False):
-                cfg = KernelConfig(pack_chunks=chunks)
+            for cfg in (
+                KernelConfig(pack_chunks=True),
+                KernelConfig(),
+                KernelConfig(pack_lanes=0, pack_flat=(0, 0)),
+                KernelConfig(pack_lanes=8, pack_flat=(0, 0)),
+                KernelConfig(pack_flat=(8, 4096)),
+            ):
                 packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k, config=cfg)
-                assert same(sc, scales) and same(packed, ref_packed), (name, k, block, n, chunks)
+                assert same(sc, scales) and same(packed, ref_packed), (name, k, block, n, cfg)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -871,3 +877,29 @@ def test_kernels_in_interpreter() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout, proc.stdout
+
+
+def test_pack_layout_choices() -> None:
+    """The packing kernel's load and store forms follow ``KernelConfig.pack_flat`` and
+    ``pack_lanes`` as documented: the [rows, B] load from B = 64 (one-warp programs up to
+    B = 128, never for the element codes), per-thread word stores in one-warp programs from
+    B = 256 and never together with the [rows, B] load."""
+    from kbit.kernels import launch as L
+    from kbit.kernels import triton_kernels as tk
+
+    cfg = L.DEFAULT_CONFIG
+    smem = L._SEARCH_MODES["pair-smem"]
+    cases = {  # (FAMILY, SEARCH, NTAB): blocks with the flat load / with per-thread stores
+        (tk.FAMILY_INT, 5, 16): ({64, 128, 4096}, {256, 1024}),
+        (tk.FAMILY_INT, 5, 255): ({64, 128, 256, 1024, 4096}, set()),
+        (tk.FAMILY_TABLE, smem, 512): ({64, 128, 256, 1024, 4096}, set()),
+        (tk.FAMILY_ELEMENT, 0, 0): ({4096}, {256, 1024}),
+    }
+    for (fam, search, ntab), (flat, lanes) in cases.items():
+        kw = dict(FAMILY=fam, SEARCH=search, NTAB=ntab)
+        blocks = (32, 64, 128, 256, 1024, 4096)
+        assert {b for b in blocks if L._flat_load(cfg, b, kw)} == flat, (fam, ntab)
+        assert {b for b in blocks if L._lane_stores(cfg, b, kw)} == lanes, (fam, ntab)
+    off = L.KernelConfig(pack_flat=(0, 0), pack_lanes=0)
+    assert not L._flat_load(off, 64, dict(FAMILY=1, SEARCH=5, NTAB=16))
+    assert not L._lane_stores(off, 256, dict(FAMILY=1, SEARCH=5, NTAB=16))

@@ -105,6 +105,20 @@ class KernelConfig:
     shuffles instead of shared memory and barriers (on an H200: int4 at B = 256 61 -> 83%,
     nf4 58 -> 78%, mxfp6 34 -> 64%; larger tables lose: a gather from 128 entries through
     shuffles cost dynamic4 20 points; "v8").
+    ``pack_flat``: (smallest block, largest block in one-warp programs) for which fused
+    packing loads its tile as [rows, B] and views it as [rows, B / 8, 8]. Loaded as
+    [rows, B / 8, 8] directly, Triton 3.6 orders the threads along the rows (its coalescing
+    pass breaks the tie between the two non-contiguous axes that way), so a warp's 16-byte
+    loads are strided by the row; a 2-D tile has one contiguous axis. On an H200: int8 at
+    B = 64 / 256 66 / 63 -> 82 / 80%, nf4 at 64 65 -> 78%, nf8 51 -> 69%, quantile8 48 -> 64%,
+    dynamic4 52 -> 69%; but at B = 32 (a thread then holds a whole 32-value block: no
+    shuffles at all) int4 90 -> 80%, and in one-warp programs at B >= 256 int4 85 -> 80%, and
+    for the MX / NV element codes at 64 mxfp4 93 -> 87%, nvfp4 73 -> 68% ("v9").
+    ``pack_lanes``: one-warp packing programs of blocks of at least this many values (0:
+    none; not with ``pack_flat``) store each packed word, 4 bytes wide, from the thread that
+    packed it instead of moving the words across lanes to 16-byte stores (on an H200 +2 to
+    +3 points of copy for int4 at B = 256..1024; in 4-warp programs it lost up to 15 points;
+    "v9").
     ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
     from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
     instructions per value than computing it from both neighbours.
@@ -135,6 +149,8 @@ class KernelConfig:
     )
     pair_wide: tuple[int, int, int] = (1024, 4096, 16)
     pack_warp: tuple[int, int] = (1024, 32)
+    pack_lanes: int = 256
+    pack_flat: tuple[int, int] = (64, 128)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -617,6 +633,23 @@ def _pack_tile(cfg: KernelConfig, bp: int, kw: dict) -> int:
     return cfg.pack_tile
 
 
+def _lane_stores(cfg: KernelConfig, block: int, kw: dict) -> bool:
+    """Whether the packing kernel stores each word from the thread that packed it (see
+    ``pack_lanes``): one-warp programs of blocks of at least ``pack_lanes`` values."""
+    one_warp = _pack_tile(cfg, _pow2(block), kw) == cfg.pack_warp[0]
+    return 0 < cfg.pack_lanes <= block and one_warp and not _flat_load(cfg, block, kw)
+
+
+def _flat_load(cfg: KernelConfig, block: int, kw: dict) -> bool:
+    """Whether the packing kernel loads its tile as [rows, B] (see ``pack_flat``)."""
+    smallest, one_warp_largest = cfg.pack_flat
+    if smallest <= 0 or block < smallest:
+        return False
+    if _pack_tile(cfg, _pow2(block), kw) != cfg.pack_warp[0]:
+        return True
+    return block <= one_warp_largest and kw["FAMILY"] != tk.FAMILY_ELEMENT
+
+
 def _fake_launch(cfg: KernelConfig, block: int, kw: dict) -> tuple[int, int]:
     """Tile and values per thread of the fused fake-quantize kernel (see ``mid_launch`` and
     ``pair_wide``)."""
@@ -719,11 +752,17 @@ def _launch(
             kernel, extra = tk.fused_pack_chunk_kernel, dict(CG=cg)
         else:
             words = k in _WORD_DTYPES
-            dst = buf.view(_WORD_DTYPES[k]) if words else buf
-            kernel, extra = tk.fused_pack_kernel, dict(KP=kp, WORDS=words)
+            sub = 16 if not words and k % 2 == 0 else 8  # k = 6: a group is 3 int16
+            dst = buf.view(_WORD_DTYPES[k] if words else torch.int16 if sub == 16 else torch.uint8)
+            lanes = _lane_stores(cfg, block, kw)
+            pieces = _pow2(k * 8 // sub)
+            kernel = tk.fused_pack_kernel
+            flat = _flat_load(cfg, block, kw)
+            extra = dict(KP=pieces, WORDS=words, SUB=sub, LANES=lanes, FLAT=flat)
+            units = -(-nbytes // (sub // 8))
         kernel[grid](
             _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
-            ptrs["mid"], ptrs["lay"], gd, n, nblocks, nbytes,
+            ptrs["mid"], ptrs["lay"], gd, n, nblocks, nbytes if cg else units,
             B=block, BP=bp, ROWS=rows, **kw, **common, K=k, MASKED=masked, **extra,
             num_warps=_warps(rows * bp, cfg.pack_per_thread),
         )  # fmt: skip

@@ -682,7 +682,7 @@ def fused_fake_kernel(
 @triton.jit
 def fused_pack_kernel(
     x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
-    gd_ptr, n, nblocks, nbytes,
+    gd_ptr, n, nblocks, nunits,
     B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
     FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
     AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
@@ -693,12 +693,19 @@ def fused_pack_kernel(
     PNE: tl.constexpr, PELO: tl.constexpr,
     SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr, MASKED: tl.constexpr,
+    SUB: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
     """Block scales and packed codes; the tile is [ROWS, BP // 8, 8] (B % 8 == 0), so each
     group of 8 codes is packed without moving data between threads.
 
     WORDS=True (k = 2, 4, 8): ``out_ptr`` is the byte buffer viewed as int{2k}, one element per
-    group, so a group is one store. Otherwise the k bytes of a group are stored one by one.
+    group, so a group is one store. Otherwise the k bytes of a group are stored as pieces of
+    SUB bits (``out_ptr`` viewed as int16 for k = 6, as bytes for odd k; KP: their number
+    per group, padded to a power of two); ``nunits`` is the length of that view that holds
+    the packed bytes.
+    LANES=1: each packed word is stored by the thread that packed it, 4 bytes wide, instead
+    of being moved to a 16-byte store layout (``KernelConfig.pack_lanes``). FLAT=1: the tile
+    is loaded as [ROWS, BP] and viewed as [ROWS, BP // 8, 8] (``KernelConfig.pack_flat``).
     The default packing kernel: ``fused_pack_chunk_kernel`` (``KernelConfig.pack_chunks``)
     issues fewer instructions but measured slower on an H200 (its loads are not coalesced).
     """
@@ -709,6 +716,14 @@ def fused_pack_kernel(
     offs = rows[:, None, None] * B + col
     if MASKED:
         mask = (col < B) & (offs < n)
+    if FLAT:  # a 2-D load: the only contiguous axis orders the threads along the row
+        offs2 = rows[:, None] * B + tl.arange(0, BP)[None, :]
+        if MASKED:
+            mask2 = (tl.arange(0, BP)[None, :] < B) & (offs2 < n)
+            xin = tl.reshape(tl.load(x_ptr + offs2, mask=mask2, other=0), [ROWS, BP // 8, 8])
+        else:
+            xin = tl.reshape(tl.load(x_ptr + offs2), [ROWS, BP // 8, 8])
+    elif MASKED:
         xin = tl.load(x_ptr + offs, mask=mask, other=0)
     else:
         xin = tl.load(x_ptr + offs)
@@ -733,18 +748,20 @@ def fused_pack_kernel(
         tl.store(scale_ptr + rows, st)
     words = _pack_groups(code, K, 2)
     gidx = rows[:, None] * (B // 8) + grp[None, :]
+    if LANES:  # contiguity 1: each word stays with the thread that packed it
+        gidx = tl.max_contiguous(gidx, [1, 1])
     if WORDS:
         w = words.to(out_ptr.dtype.element_ty)
         if MASKED:
             tl.store(out_ptr + gidx, w, mask=(grp[None, :] * 8 < B) & (gidx * 8 < n))
         else:
             tl.store(out_ptr + gidx, w)
-    else:
+    else:  # a group's K bytes as K * 8 / SUB pieces of SUB bits (16 where K is even)
         b = tl.arange(0, KP)
-        byte = ((words[:, :, None] >> (b * 8).to(words.dtype)[None, None, :]) & 255).to(tl.uint8)
-        pos = gidx[:, :, None] * K + b[None, None, :]
-        ok = (b[None, None, :] < K) & (grp[None, :, None] * 8 < B) & (pos < nbytes)
-        tl.store(out_ptr + pos, byte, mask=ok)
+        piece = (words[:, :, None] >> (b * SUB).to(words.dtype)[None, None, :]) & (2**SUB - 1)
+        pos = gidx[:, :, None] * (K * 8 // SUB) + b[None, None, :]
+        ok = (b[None, None, :] * SUB < K * 8) & (grp[None, :, None] * 8 < B) & (pos < nunits)
+        tl.store(out_ptr + pos, piece.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
