@@ -227,9 +227,9 @@ def test_pack_chunk_kernel(device: str, block: int) -> None:
             for cfg in (
                 KernelConfig(pack_chunks=True),
                 KernelConfig(),
-                KernelConfig(pack_lanes=0, pack_flat=(0, 0)),
-                KernelConfig(pack_lanes=8, pack_flat=(0, 0)),
-                KernelConfig(pack_flat=(8, 4096)),
+                KernelConfig(pack_lanes=0, pack_flat=(0, 0, 0)),
+                KernelConfig(pack_lanes=8, pack_flat=(0, 0, 0)),
+                KernelConfig(pack_flat=(8, 8, 4096)),
             ):
                 packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k, config=cfg)
                 assert same(sc, scales) and same(packed, ref_packed), (name, k, block, n, cfg)
@@ -881,25 +881,28 @@ def test_kernels_in_interpreter() -> None:
 
 def test_pack_layout_choices() -> None:
     """The packing kernel's load and store forms follow ``KernelConfig.pack_flat`` and
-    ``pack_lanes`` as documented: the [rows, B] load from B = 64 (one-warp programs up to
-    B = 128, never for the element codes), per-thread word stores in one-warp programs from
-    B = 256 and never together with the [rows, B] load."""
+    ``pack_lanes`` as documented: the [rows, B] load from B = 32 for table codes in 4-warp
+    programs, from 64 otherwise, in one-warp programs up to 128 and not for element codes
+    whose group is one word; per-thread word stores in one-warp programs from B = 256, never
+    together with the [rows, B] load."""
     from kbit.kernels import launch as L
     from kbit.kernels import triton_kernels as tk
 
     cfg = L.DEFAULT_CONFIG
     smem = L._SEARCH_MODES["pair-smem"]
-    cases = {  # (FAMILY, SEARCH, NTAB): blocks with the flat load / with per-thread stores
-        (tk.FAMILY_INT, 5, 16): ({64, 128, 4096}, {256, 1024}),
-        (tk.FAMILY_INT, 5, 255): ({64, 128, 256, 1024, 4096}, set()),
-        (tk.FAMILY_TABLE, smem, 512): ({64, 128, 256, 1024, 4096}, set()),
-        (tk.FAMILY_ELEMENT, 0, 0): ({4096}, {256, 1024}),
+    cases = {  # (FAMILY, SEARCH, NTAB, bits): blocks with the flat load / per-thread stores
+        (tk.FAMILY_INT, 5, 16, 4): ({64, 128, 4096}, {256, 1024}),
+        (tk.FAMILY_INT, 5, 255, 8): ({64, 128, 256, 1024, 4096}, set()),
+        (tk.FAMILY_TABLE, smem, 512, 8): ({32, 64, 128, 256, 1024, 4096}, set()),
+        (tk.FAMILY_TABLE, smem, 23, 4): ({64, 128, 4096}, {256, 1024}),
+        (tk.FAMILY_ELEMENT, 0, 0, 4): ({4096}, {256, 1024}),
+        (tk.FAMILY_ELEMENT, 0, 0, 6): ({64, 128, 4096}, {256, 1024}),
     }
-    for (fam, search, ntab), (flat, lanes) in cases.items():
+    blocks = (32, 64, 128, 256, 1024, 4096)
+    for (fam, search, ntab, bits), (flat, lanes) in cases.items():
         kw = dict(FAMILY=fam, SEARCH=search, NTAB=ntab)
-        blocks = (32, 64, 128, 256, 1024, 4096)
-        assert {b for b in blocks if L._flat_load(cfg, b, kw)} == flat, (fam, ntab)
-        assert {b for b in blocks if L._lane_stores(cfg, b, kw)} == lanes, (fam, ntab)
-    off = L.KernelConfig(pack_flat=(0, 0), pack_lanes=0)
-    assert not L._flat_load(off, 64, dict(FAMILY=1, SEARCH=5, NTAB=16))
-    assert not L._lane_stores(off, 256, dict(FAMILY=1, SEARCH=5, NTAB=16))
+        assert {b for b in blocks if L._flat_load(cfg, b, kw, bits)} == flat, (fam, ntab, bits)
+        assert {b for b in blocks if L._lane_stores(cfg, b, kw, bits)} == lanes, (fam, ntab)
+    off = L.KernelConfig(pack_flat=(0, 0, 0), pack_lanes=0)
+    kw = dict(FAMILY=tk.FAMILY_INT, SEARCH=5, NTAB=16)
+    assert not any(L._flat_load(off, b, kw, 4) or L._lane_stores(off, b, kw, 4) for b in blocks)

@@ -105,15 +105,17 @@ class KernelConfig:
     shuffles instead of shared memory and barriers (on an H200: int4 at B = 256 61 -> 83%,
     nf4 58 -> 78%, mxfp6 34 -> 64%; larger tables lose: a gather from 128 entries through
     shuffles cost dynamic4 20 points; "v8").
-    ``pack_flat``: (smallest block, largest block in one-warp programs) for which fused
-    packing loads its tile as [rows, B] and views it as [rows, B / 8, 8]. Loaded as
-    [rows, B / 8, 8] directly, Triton 3.6 orders the threads along the rows (its coalescing
-    pass breaks the tie between the two non-contiguous axes that way), so a warp's 16-byte
-    loads are strided by the row; a 2-D tile has one contiguous axis. On an H200: int8 at
-    B = 64 / 256 66 / 63 -> 82 / 80%, nf4 at 64 65 -> 78%, nf8 51 -> 69%, quantile8 48 -> 64%,
-    dynamic4 52 -> 69%; but at B = 32 (a thread then holds a whole 32-value block: no
-    shuffles at all) int4 90 -> 80%, and in one-warp programs at B >= 256 int4 85 -> 80%, and
-    for the MX / NV element codes at 64 mxfp4 93 -> 87%, nvfp4 73 -> 68% ("v9").
+    ``pack_flat``: (smallest block for table codes in 4-warp programs, smallest block
+    otherwise, largest block in one-warp programs) for which fused packing loads its tile as
+    [rows, B] and views it as [rows, B / 8, 8]. Loaded as [rows, B / 8, 8] directly, Triton
+    3.6 orders the threads along the rows (its coalescing pass breaks the tie between the two
+    non-contiguous axes that way), so a warp's 16-byte loads are strided by the row; a 2-D
+    tile has one contiguous axis. On an H200: int8 at B = 64 / 256 66 / 63 -> 82 / 80%, nf4
+    at 64 65 -> 78%, nf8 51 -> 69%, quantile8 48 -> 64% (at 32 59 -> 66%), dynamic4 52 ->
+    69%, mxfp6 49 -> 55%. Not used where it measured slower: at B = 32 outside 4-warp table
+    programs (a thread then holds a whole block: int4 90 -> 80%, int8 86 -> 81%), in one-warp
+    programs above 128 (int4 at 256 85 -> 80%), and for the MX / NV element codes whose group
+    is one word (mxfp8 at 64 88 -> 82%, mxfp4 91 -> 88%, nvfp4 72 -> 68%) ("v9").
     ``pack_lanes``: one-warp packing programs of blocks of at least this many values (0:
     none; not with ``pack_flat``) store each packed word, 4 bytes wide, from the thread that
     packed it instead of moving the words across lanes to 16-byte stores (on an H200 +2 to
@@ -150,7 +152,7 @@ class KernelConfig:
     pair_wide: tuple[int, int, int] = (1024, 4096, 16)
     pack_warp: tuple[int, int] = (1024, 32)
     pack_lanes: int = 256
-    pack_flat: tuple[int, int] = (64, 128)
+    pack_flat: tuple[int, int, int] = (32, 64, 128)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -633,21 +635,22 @@ def _pack_tile(cfg: KernelConfig, bp: int, kw: dict) -> int:
     return cfg.pack_tile
 
 
-def _lane_stores(cfg: KernelConfig, block: int, kw: dict) -> bool:
+def _lane_stores(cfg: KernelConfig, block: int, kw: dict, bits: int) -> bool:
     """Whether the packing kernel stores each word from the thread that packed it (see
     ``pack_lanes``): one-warp programs of blocks of at least ``pack_lanes`` values."""
     one_warp = _pack_tile(cfg, _pow2(block), kw) == cfg.pack_warp[0]
-    return 0 < cfg.pack_lanes <= block and one_warp and not _flat_load(cfg, block, kw)
+    return 0 < cfg.pack_lanes <= block and one_warp and not _flat_load(cfg, block, kw, bits)
 
 
-def _flat_load(cfg: KernelConfig, block: int, kw: dict) -> bool:
+def _flat_load(cfg: KernelConfig, block: int, kw: dict, bits: int) -> bool:
     """Whether the packing kernel loads its tile as [rows, B] (see ``pack_flat``)."""
-    smallest, one_warp_largest = cfg.pack_flat
-    if smallest <= 0 or block < smallest:
-        return False
-    if _pack_tile(cfg, _pow2(block), kw) != cfg.pack_warp[0]:
-        return True
-    return block <= one_warp_largest and kw["FAMILY"] != tk.FAMILY_ELEMENT
+    table_from, other_from, one_warp_upto = cfg.pack_flat
+    one_warp = _pack_tile(cfg, _pow2(block), kw) == cfg.pack_warp[0]
+    if not one_warp:
+        table = kw["FAMILY"] == tk.FAMILY_TABLE
+        return 0 < (table_from if table else other_from) <= block
+    word_element = kw["FAMILY"] == tk.FAMILY_ELEMENT and bits in _WORD_DTYPES
+    return 0 < other_from <= block <= one_warp_upto and not word_element
 
 
 def _fake_launch(cfg: KernelConfig, block: int, kw: dict) -> tuple[int, int]:
@@ -754,10 +757,10 @@ def _launch(
             words = k in _WORD_DTYPES
             sub = 16 if not words and k % 2 == 0 else 8  # k = 6: a group is 3 int16
             dst = buf.view(_WORD_DTYPES[k] if words else torch.int16 if sub == 16 else torch.uint8)
-            lanes = _lane_stores(cfg, block, kw)
+            lanes = _lane_stores(cfg, block, kw, k)
             pieces = _pow2(k * 8 // sub)
             kernel = tk.fused_pack_kernel
-            flat = _flat_load(cfg, block, kw)
+            flat = _flat_load(cfg, block, kw, k)
             extra = dict(KP=pieces, WORDS=words, SUB=sub, LANES=lanes, FLAT=flat)
             units = -(-nbytes // (sub // 8))
         kernel[grid](
