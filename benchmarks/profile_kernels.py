@@ -16,6 +16,10 @@ first variant's bit for bit. ``--profile`` runs each (case, variant) once betwee
 ``--trace`` writes a torch profiler table of one call per case (every launch a call makes,
 e.g. NVFP4's global absmax and division check). Results: OUT/profile_<gpu>.json and a
 markdown table on stdout.
+
+The kernels a run compiled: ``TRITON_CACHE_DIR=DIR`` keeps each one's ``.ttgir`` (the layouts
+Triton chose), ``.ptx`` and ``.cubin`` (``nvdisasm -c``). Read those from the GPU machine's own
+run: another Triton version may lay out the same tile differently (``kernels_notes.md``, "v9").
 """
 
 from __future__ import annotations
