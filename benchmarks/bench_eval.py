@@ -136,9 +136,9 @@ def run_timed(cmd: list[str], log_file: Path, timeout: int, done: Path | None = 
 
 def batched_worker(args: argparse.Namespace) -> None:
     """The workflow's batched job (what workflow/scripts/evaluate.py runs for small models)."""
+    from kbit.logs import setup_logging
     from kbit.evaluation.runner import evaluate_specs
     from kbit.evaluation.tasks import load_tasks
-    from kbit.logs import setup_logging
     from kbit.settings import EvalSettings
 
     setup_logging(None)
@@ -160,8 +160,8 @@ def batched_worker(args: argparse.Namespace) -> None:
 
 def find_batch_worker(args: argparse.Namespace) -> None:
     """The workflow's batch-size search (what workflow/scripts/batch_size.py runs)."""
-    from kbit.evaluation.batch_size import choose_batch_size
     from kbit.logs import setup_logging
+    from kbit.evaluation.batch_size import choose_batch_size
     from kbit.settings import EvalSettings
 
     setup_logging(None)
@@ -222,11 +222,11 @@ def compare_docs(frames: dict, cli: dict) -> dict:
 
 def check_worker(args: argparse.Namespace) -> None:
     """In-process fp16 evaluation, all tasks pooled like the CLI, fast and plain scoring."""
+    from kbit.logs import setup_logging
     from kbit.evaluation.lm import make_lm
     from kbit.evaluation.runner import evaluate_tasks
     from kbit.evaluation.tasks import load_tasks
     from kbit.loading import load_model
-    from kbit.logs import setup_logging
 
     setup_logging(None)
     cli = _cli_samples(Path(args.cli_out))

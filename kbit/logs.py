@@ -91,14 +91,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: the ancestors when this module was first imported: a workflow script imports it before
+#: anything heavy (torch, lm-eval: seconds), so that a workflow process killed during those
+#: imports is still known, and missed, when the watch starts (asked only then, the chain would
+#: already end at init and nothing would be watched)
+_START_CHAIN = _ancestors() if Path("/proc").is_dir() else []
+_START_PID = os.getpid()
+
+
 def watch_parent(log: logging.Logger, interval_s: float = WATCH_INTERVAL_S) -> threading.Thread:
     """Stop this process when the workflow process that started it is gone.
 
-    A daemon thread checks the ancestors (up to the top-most snakemake process) every
-    ``interval_s``; when one has died, it logs why and exits at once with status 1, leaving no
-    late output (every output is written atomically, so nothing half-written stays either).
+    A daemon thread checks the ancestors (up to the top-most snakemake process, as they were
+    when this module was imported) every ``interval_s``; when one has died, it logs why and
+    exits at once with status 1, leaving no late output (every output is written atomically,
+    so nothing half-written stays either).
     """
-    chain = _ancestors()
+    chain = _START_CHAIN if _START_CHAIN and os.getpid() == _START_PID else _ancestors()
 
     def watch() -> None:
         while True:

@@ -237,6 +237,17 @@ def test_files_are_written_with_the_umask(done: dict) -> None:
         assert mode == expected, (path, oct(mode))
 
 
+def _parent_of(script: Path) -> subprocess.Popen:
+    """A stand-in for the workflow process: a python process that starts ``script`` and waits."""
+    return subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time\n"
+         f"subprocess.Popen([sys.executable, {str(script)!r}])\n"
+         "time.sleep(60)\n"],
+        env=_env(),
+    )  # fmt: skip
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_job_stops_when_its_workflow_process_dies(tmp_path: Path) -> None:
     """A job whose parent chain loses its snakemake process exits by itself."""
@@ -247,15 +258,33 @@ def test_job_stops_when_its_workflow_process_dies(tmp_path: Path) -> None:
         "watch_parent(logging.getLogger('kbit'), interval_s=0.2)\n"
         "time.sleep(60)\n"
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import subprocess, sys, time\n"
-         f"subprocess.Popen([sys.executable, {str(script)!r}])\n"
-         "time.sleep(60)\n"],
-        env=_env(),
-    )  # fmt: skip
+    parent = _parent_of(script)
     _wait_for(lambda: bool(_descendants(parent.pid)), timeout=30)
     (child,) = _descendants(parent.pid)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     _wait_for(lambda: not _cmdline(child), timeout=30)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_job_stops_when_its_workflow_dies_during_its_imports(tmp_path: Path) -> None:
+    """The parent dies after the job imported kbit.logs but before its watch started (the heavy
+    imports of a workflow script take seconds): the job still stops, within seconds, instead of
+    running on as an orphan (the watch would find no parent left if it looked only then)."""
+    script, marker = tmp_path / "job.py", tmp_path / "imported"
+    script.write_text(
+        "import logging, time\n"
+        "from kbit.logs import watch_parent\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        "time.sleep(3)  # torch, lm-eval, ...\n"
+        "watch_parent(logging.getLogger('kbit'), interval_s=0.2)\n"
+        "time.sleep(60)\n"
+    )
+    parent = _parent_of(script)
+    _wait_for(marker.is_file, timeout=30)
+    (child,) = _descendants(parent.pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    t0 = time.monotonic()
+    _wait_for(lambda: not _cmdline(child), timeout=20)
+    assert time.monotonic() - t0 < 15

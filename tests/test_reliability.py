@@ -16,11 +16,11 @@ import torch
 from models import tiny_model, tiny_model_dir
 from synthetic import analysed
 
+from kbit.logs import advice, job
 from kbit.analysis.curves import build_curves
 from kbit.analysis.tables import aggregate
 from kbit.io import atomic_dir, write_json, write_text
 from kbit.loading import ModelLoadError, load_model
-from kbit.logs import advice, job
 from kbit.workdir import OWNER_FILE, claim
 
 

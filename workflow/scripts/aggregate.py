@@ -2,10 +2,10 @@
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.analysis.report import write_tables_html
 from kbit.analysis.tables import aggregate
 from kbit.io import write_parquet
-from kbit.logs import job
 
 with job(snakemake) as log:
     feature_files = list(snakemake.input.get("features", []))

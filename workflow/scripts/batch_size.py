@@ -1,7 +1,7 @@
 """The evaluation batch size of one model, chosen once and read by all its evaluation jobs."""
 
-from kbit.evaluation.batch_size import choose_batch_size, write_batch_size
 from kbit.logs import job
+from kbit.evaluation.batch_size import choose_batch_size, write_batch_size
 from kbit.study import build_study
 
 with job(snakemake) as log:

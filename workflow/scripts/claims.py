@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.analysis.claims import check_claims, load_findings
 from kbit.analysis.laws import LAW_NAMES
 from kbit.analysis.report import write_claims
-from kbit.logs import job
 
 with job(snakemake) as log:
     load_findings()

@@ -6,8 +6,8 @@ Used by both `evaluate` (one spec of a large model, from its packed artifact) an
 
 from pathlib import Path
 
-from kbit.evaluation.jobs import evaluate_job
 from kbit.logs import job
+from kbit.evaluation.jobs import evaluate_job
 from kbit.study import build_study
 
 with job(snakemake) as log:

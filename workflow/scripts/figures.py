@@ -2,9 +2,9 @@
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.analysis.figures import make_figures
 from kbit.analysis.laws import LAW_NAMES
-from kbit.logs import job
 
 with job(snakemake) as log:
     laws = {name: pd.read_parquet(snakemake.input[name]) for name in LAW_NAMES}

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from kbit.analysis.laws import LAW_NAMES, fit_laws, write_laws
 from kbit.logs import job
+from kbit.analysis.laws import LAW_NAMES, fit_laws, write_laws
 
 with job(snakemake) as log:
     laws = fit_laws(

@@ -2,11 +2,11 @@
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.calibration import read_tokens
 from kbit.features import landscape_features
 from kbit.io import write_parquet
 from kbit.loading import load_model
-from kbit.logs import job
 from kbit.study import build_study
 
 with job(snakemake) as log:

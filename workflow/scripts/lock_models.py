@@ -2,8 +2,8 @@
 
 import yaml
 
-from kbit.io import write_text
 from kbit.logs import job
+from kbit.io import write_text
 from kbit.sources import lock_entries
 
 with job(snakemake) as log:

@@ -2,10 +2,10 @@
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.analysis.claims import render_claims
 from kbit.analysis.mixed import check_mixed_claims, make_mixed_figures, mixed_tables
 from kbit.io import write_parquet, write_text
-from kbit.logs import job
 
 with job(snakemake) as log:
     boot = pd.read_parquet(snakemake.input.bootstrap)

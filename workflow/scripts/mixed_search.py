@@ -1,8 +1,8 @@
 """The search of one mixed-precision spec: which units of the model go to the low format."""
 
+from kbit.logs import job
 from kbit.calibration import read_tokens
 from kbit.loading import load_model
-from kbit.logs import job
 from kbit.mixed import search_assignment
 from kbit.settings import QuantizeOptions
 from kbit.study import build_study

@@ -2,6 +2,7 @@
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.analysis.predict import (
     build_feature_table,
     plot_not_enough_data,
@@ -9,7 +10,6 @@ from kbit.analysis.predict import (
     prediction_study,
 )
 from kbit.io import write_parquet, write_text
-from kbit.logs import job
 
 with job(snakemake) as log:
     scores = pd.read_parquet(snakemake.input.scores)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from kbit.evaluation.tasks import prepare_task
 from kbit.logs import job
+from kbit.evaluation.tasks import prepare_task
 
 with job(snakemake) as log:
     data_dir = snakemake.params.data_dir

@@ -1,8 +1,8 @@
 """Publish the evaluation files of one (model, quant), every task, from the cache its job's
 manifest names (atomic copies)."""
 
-from kbit.evaluation.resume import publish
 from kbit.logs import job
+from kbit.evaluation.resume import publish
 
 with job(snakemake, watch=False):
     w = snakemake.wildcards

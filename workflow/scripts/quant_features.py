@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from kbit.logs import job
 from kbit.features import spec_feature_rows
 from kbit.io import write_parquet
 from kbit.loading import load_model
-from kbit.logs import job
 from kbit.settings import QuantizeOptions
 from kbit.study import build_study
 

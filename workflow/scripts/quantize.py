@@ -1,10 +1,10 @@
 """Packed artifacts of one model: one spec (a large model's job) or every GPTQ spec of a small
 model (loaded once, its weights restored between specs)."""
 
+from kbit.logs import job
 from kbit.artifact import write_artifact
 from kbit.calibration import read_tokens
 from kbit.loading import load_model
-from kbit.logs import job
 from kbit.mixed import Assignment
 from kbit.model_quant import WeightSnapshot
 from kbit.settings import QuantizeOptions

@@ -1,8 +1,8 @@
 """Calibration (or search-scoring) tokens of one model: its tokenizer over the study's corpus."""
 
+from kbit.logs import job
 from kbit.calibration import calibration_tokens, write_tokens
 from kbit.loading import load_tokenizer
-from kbit.logs import job
 
 with job(snakemake) as log:
     settings = dict(snakemake.params.settings)
