@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,3 +289,24 @@ def test_job_stops_when_its_workflow_dies_during_its_imports(tmp_path: Path) -> 
     t0 = time.monotonic()
     _wait_for(lambda: not _cmdline(child), timeout=20)
     assert time.monotonic() - t0 < 15
+
+
+def test_updated_workflow_scripts_redo_nothing(done: dict, tmp_path: Path) -> None:
+    """A copy of the workflow whose scripts are all newer than the study's outputs (what
+    updating the workflow does) plans nothing: the profile leaves out Snakemake's ``code``
+    rerun trigger, which would redo every finished download, quantization and evaluation."""
+    wf = tmp_path / "workflow-copy"
+    for name in ("Snakefile", "environment.yml"):
+        wf.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, wf / name)
+    for name in ("workflow", "profiles", "config"):
+        skip = shutil.ignore_patterns("__pycache__", ".snakemake")
+        shutil.copytree(REPO / name, wf / name, copy_function=shutil.copy, ignore=skip)
+    newest = max(p.stat().st_mtime for p in done["R"].rglob("*") if p.is_file())
+    assert all(p.stat().st_mtime > newest for p in (wf / "workflow" / "scripts").glob("*.py"))
+    cmd = [str(SNAKEMAKE), "-s", str(wf / "Snakefile"), "--configfile", "config.yaml",
+           "--cores", "2", "-n"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=done["tmp"], capture_output=True, text=True, env=_env(),
+                          timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Nothing to be done" in out, out[-4000:]
