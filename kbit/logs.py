@@ -95,7 +95,7 @@ def _alive(pid: int) -> bool:
 #: anything heavy (torch, lm-eval: seconds), so that a workflow process killed during those
 #: imports is still known, and missed, when the watch starts (asked only then, the chain would
 #: already end at init and nothing would be watched)
-_START_CHAIN = _ancestors() if Path("/proc").is_dir() else []
+_START_CHAIN = _ancestors()  # [] where there is no /proc
 _START_PID = os.getpid()
 
 

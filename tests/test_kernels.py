@@ -901,8 +901,9 @@ def test_pack_layout_choices() -> None:
     blocks = (32, 64, 128, 256, 1024, 4096)
     for (fam, search, ntab, bits), (flat, lanes) in cases.items():
         kw = dict(FAMILY=fam, SEARCH=search, NTAB=ntab)
-        assert {b for b in blocks if L._flat_load(cfg, b, kw, bits)} == flat, (fam, ntab, bits)
-        assert {b for b in blocks if L._lane_stores(cfg, b, kw, bits)} == lanes, (fam, ntab)
+        forms = {b: L._pack_forms(cfg, b, kw, bits) for b in blocks}
+        assert {b for b, (f, _) in forms.items() if f} == flat, (fam, ntab, bits)
+        assert {b for b, (_, la) in forms.items() if la} == lanes, (fam, ntab)
     off = L.KernelConfig(pack_flat=(0, 0, 0), pack_lanes=0)
     kw = dict(FAMILY=tk.FAMILY_INT, SEARCH=5, NTAB=16)
-    assert not any(L._flat_load(off, b, kw, 4) or L._lane_stores(off, b, kw, 4) for b in blocks)
+    assert not any(any(L._pack_forms(off, b, kw, 4)) for b in blocks)

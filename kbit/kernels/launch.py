@@ -635,22 +635,17 @@ def _pack_tile(cfg: KernelConfig, bp: int, kw: dict) -> int:
     return cfg.pack_tile
 
 
-def _lane_stores(cfg: KernelConfig, block: int, kw: dict, bits: int) -> bool:
-    """Whether the packing kernel stores each word from the thread that packed it (see
-    ``pack_lanes``): one-warp programs of blocks of at least ``pack_lanes`` values."""
-    one_warp = _pack_tile(cfg, _pow2(block), kw) == cfg.pack_warp[0]
-    return 0 < cfg.pack_lanes <= block and one_warp and not _flat_load(cfg, block, kw, bits)
-
-
-def _flat_load(cfg: KernelConfig, block: int, kw: dict, bits: int) -> bool:
-    """Whether the packing kernel loads its tile as [rows, B] (see ``pack_flat``)."""
+def _pack_forms(cfg: KernelConfig, block: int, kw: dict, bits: int) -> tuple[bool, bool]:
+    """(FLAT, LANES) of the fused packing kernel: whether it loads its tile as [rows, B]
+    (``pack_flat``) and whether each word is stored by the thread that packed it
+    (``pack_lanes``: one-warp programs without the [rows, B] load)."""
     table_from, other_from, one_warp_upto = cfg.pack_flat
-    one_warp = _pack_tile(cfg, _pow2(block), kw) == cfg.pack_warp[0]
-    if not one_warp:
+    if _pack_tile(cfg, _pow2(block), kw) != cfg.pack_warp[0]:  # 4-warp programs
         table = kw["FAMILY"] == tk.FAMILY_TABLE
-        return 0 < (table_from if table else other_from) <= block
+        return 0 < (table_from if table else other_from) <= block, False
     word_element = kw["FAMILY"] == tk.FAMILY_ELEMENT and bits in _WORD_DTYPES
-    return 0 < other_from <= block <= one_warp_upto and not word_element
+    flat = 0 < other_from <= block <= one_warp_upto and not word_element
+    return flat, not flat and 0 < cfg.pack_lanes <= block
 
 
 def _fake_launch(cfg: KernelConfig, block: int, kw: dict) -> tuple[int, int]:
@@ -753,19 +748,19 @@ def _launch(
         if cg:  # chunks of cg groups: k int32 (cg = 4) or int16 words each
             dst = buf.view(torch.int32 if cg == 4 else torch.int16)
             kernel, extra = tk.fused_pack_chunk_kernel, dict(CG=cg)
+            units = nbytes
         else:
             words = k in _WORD_DTYPES
             sub = 16 if not words and k % 2 == 0 else 8  # k = 6: a group is 3 int16
-            dst = buf.view(_WORD_DTYPES[k] if words else torch.int16 if sub == 16 else torch.uint8)
-            lanes = _lane_stores(cfg, block, kw, k)
-            pieces = _pow2(k * 8 // sub)
-            kernel = tk.fused_pack_kernel
-            flat = _flat_load(cfg, block, kw, k)
-            extra = dict(KP=pieces, WORDS=words, SUB=sub, LANES=lanes, FLAT=flat)
+            piece_dtype = torch.int16 if sub == 16 else torch.uint8
+            dst = buf.view(_WORD_DTYPES[k] if words else piece_dtype)
             units = -(-nbytes // (sub // 8))
+            flat, lanes = _pack_forms(cfg, block, kw, k)
+            kernel = tk.fused_pack_kernel
+            extra = dict(KP=_pow2(k * 8 // sub), WORDS=words, SUB=sub, LANES=lanes, FLAT=flat)
         kernel[grid](
             _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
-            ptrs["mid"], ptrs["lay"], gd, n, nblocks, nbytes if cg else units,
+            ptrs["mid"], ptrs["lay"], gd, n, nblocks, units,
             B=block, BP=bp, ROWS=rows, **kw, **common, K=k, MASKED=masked, **extra,
             num_warps=_warps(rows * bp, cfg.pack_per_thread),
         )  # fmt: skip
