@@ -212,7 +212,7 @@ def test_block_sizes_and_paths(device: str, block: int | None, k: int) -> None:
     assert same(kernels.dequantize_blockwise(packed, sc, cb, block, k, n), y_ref)
 
 
-@pytest.mark.parametrize("block", [16, 32, 64, 96, 2048])
+@pytest.mark.parametrize("block", [16, 32, 64, 96, 256, 2048])
 def test_pack_chunk_kernel(device: str, block: int) -> None:
     """``fused_pack_chunk_kernel`` (blocks of a multiple of 16) against the reference and the
     one-group-per-thread kernel (16-byte and per-thread word stores; k = 6 stores int16
@@ -220,7 +220,14 @@ def test_pack_chunk_kernel(device: str, block: int) -> None:
     from kbit.kernels.launch import KernelConfig
 
     for n in (8192, 8192 + 8 * block - 24):
-        for name, k in (("int", 3), ("nf", 4), ("int", 5), ("float", 6), ("dynamic", 8)):
+        for name, k in (
+            ("int", 3),
+            ("nf", 4),
+            ("int", 5),
+            ("float", 6),
+            ("int", 8),
+            ("dynamic", 8),
+        ):
             cb = codebook(name, k)
             x = _input(n, torch.float16, device, seed=k + block)
             ref_packed, scales, _ = _library(x, name, k, block, torch.float16)
@@ -230,6 +237,8 @@ def test_pack_chunk_kernel(device: str, block: int) -> None:
                 KernelConfig(pack_lanes=0, pack_flat=(0, 0, 0)),
                 KernelConfig(pack_lanes=8, pack_flat=(0, 0, 0)),
                 KernelConfig(pack_flat=(8, 8, 4096)),
+                KernelConfig(pack_word_chunks=False),
+                KernelConfig(pack_split=(0, 0, 0)),
             ):
                 packed, sc = kernels.quantize_blockwise(x, cb, block, torch.float16, k, config=cfg)
                 assert same(sc, scales) and same(packed, ref_packed), (name, k, block, n, cfg)
@@ -880,30 +889,40 @@ def test_kernels_in_interpreter() -> None:
 
 
 def test_pack_layout_choices() -> None:
-    """The packing kernel's load and store forms follow ``KernelConfig.pack_flat`` and
-    ``pack_lanes`` as documented: the [rows, B] load from B = 32 for table codes in 4-warp
-    programs, from 64 otherwise, in one-warp programs up to 128 and not for element codes
-    whose group is one word; per-thread word stores in one-warp programs from B = 256, never
-    together with the [rows, B] load."""
+    """The packing kernel's layout follows ``KernelConfig`` as documented: blocks of 64..256
+    split into 32-value rows in one-warp programs (up to 1024 in 4-warp programs of codes
+    without a table, never for table codes there); the [rows, B] load for table codes in
+    4-warp programs from B = 32, otherwise from 64 (in one-warp programs up to 128 and not
+    for element codes whose groups are stored as whole words); per-thread word stores in
+    one-warp programs from rows of 256, never with the [rows, B] load; 32 codes as whole
+    words for k = 3 and 6."""
     from kbit.kernels import launch as L
     from kbit.kernels import triton_kernels as tk
 
     cfg = L.DEFAULT_CONFIG
     smem = L._SEARCH_MODES["pair-smem"]
-    cases = {  # (FAMILY, SEARCH, NTAB, bits): blocks with the flat load / per-thread stores
-        (tk.FAMILY_INT, 5, 16, 4): ({64, 128, 4096}, {256, 1024}),
-        (tk.FAMILY_INT, 5, 255, 8): ({64, 128, 256, 1024, 4096}, set()),
-        (tk.FAMILY_TABLE, smem, 512, 8): ({32, 64, 128, 256, 1024, 4096}, set()),
-        (tk.FAMILY_TABLE, smem, 23, 4): ({64, 128, 4096}, {256, 1024}),
-        (tk.FAMILY_ELEMENT, 0, 0, 4): ({4096}, {256, 1024}),
-        (tk.FAMILY_ELEMENT, 0, 0, 6): ({64, 128, 4096}, {256, 1024}),
+    one_warp = ({64, 128, 256}, {4096}, {1024})
+    cases = {  # (FAMILY, SEARCH, NTAB, bits): blocks split / with the flat load / lane stores
+        (tk.FAMILY_INT, 5, 16, 4): one_warp,
+        (tk.FAMILY_INT, 5, 8, 3): one_warp,
+        (tk.FAMILY_INT, 5, 255, 8): ({64, 128, 256, 1024}, {4096}, set()),
+        (tk.FAMILY_TABLE, smem, 512, 8): (set(), {32, 64, 128, 256, 1024, 4096}, set()),
+        (tk.FAMILY_TABLE, smem, 23, 4): one_warp,
+        (tk.FAMILY_ELEMENT, 0, 0, 4): one_warp,
+        (tk.FAMILY_ELEMENT, 0, 0, 6): one_warp,
     }
     blocks = (32, 64, 128, 256, 1024, 4096)
-    for (fam, search, ntab, bits), (flat, lanes) in cases.items():
+    for (fam, search, ntab, bits), (split, flat, lanes) in cases.items():
         kw = dict(FAMILY=fam, SEARCH=search, NTAB=ntab)
-        forms = {b: L._pack_forms(cfg, b, kw, bits) for b in blocks}
-        assert {b for b, (f, _) in forms.items() if f} == flat, (fam, ntab, bits)
-        assert {b for b, (_, la) in forms.items() if la} == lanes, (fam, ntab)
-    off = L.KernelConfig(pack_flat=(0, 0, 0), pack_lanes=0)
-    kw = dict(FAMILY=tk.FAMILY_INT, SEARCH=5, NTAB=16)
-    assert not any(any(L._pack_forms(off, b, kw, 4)) for b in blocks)
+        lay = {b: L._pack_layout(cfg, b, kw, bits) for b in blocks}
+        assert {b for b, (s, *_) in lay.items() if s > 1} == split, (fam, ntab, bits)
+        assert all(s in (1, b // 32) for b, (s, *_) in lay.items())
+        assert {b for b, (_, _, f, _) in lay.items() if f} == flat, (fam, ntab, bits)
+        assert {b for b, (*_, la) in lay.items() if la} == lanes, (fam, ntab, bits)
+        assert all(c == (bits in (3, 6)) for _, c, _, _ in lay.values()), (fam, bits)
+    off = L.KernelConfig(
+        pack_flat=(0, 0, 0), pack_lanes=0, pack_split=(0, 0, 0), pack_word_chunks=False
+    )
+    for fam, search, ntab, bits in cases:
+        kw = dict(FAMILY=fam, SEARCH=search, NTAB=ntab)
+        assert all(L._pack_layout(off, b, kw, bits) == (1, False, False, False) for b in blocks)

@@ -121,6 +121,20 @@ class KernelConfig:
     packed it instead of moving the words across lanes to 16-byte stores (on an H200 +2 to
     +3 points of copy for int4 at B = 256..1024; in 4-warp programs it lost up to 15 points;
     "v9").
+    ``pack_word_chunks``: codes whose group of 8 is not one int16/32/64 word (k = 3, 5, 6, 7;
+    k = 1) and blocks that are a multiple of 32 values: each 32 codes (four groups, 4 k
+    bytes) are stored as k int32 words (k = 6: three int64) built from the four group
+    integers, instead of each group's k bytes one at a time (k = 6: three int16). 17 byte
+    stores per thread become 4 word stores; on an H200 int3 at B = 32 / 1024 packed at
+    70 / 68 -> 87 / 85% of copy, mxfp6 at 32 / 64 64 / 55 -> 88 / 77% ("v10").
+    ``pack_split``: (smallest block, largest block in one-warp programs, largest block in
+    4-warp programs of codes without a shared-memory table) that fused packing splits into
+    rows of 32 values: the tile is laid out as for B = 32 (a thread per row, whole groups
+    per thread, no shuffles of codes or barriers) and the rows' absmax is combined over
+    each block's rows. On an H200 int4 at B = 64 / 128 77 / 75 -> 89 / 89%, int3 71 / 72 ->
+    85 / 83%, float4 65 -> 75%, int8 (4-warp) at 256 78 -> 83%; it lost at B = 1024 in
+    one-warp programs (nf4 88 -> 83%), at 4096 (int8 88 -> 81%) and for table codes in
+    4-warp programs (dynamic4 at 256 68 -> 64%) ("v10").
     ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
     from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
     instructions per value than computing it from both neighbours.
@@ -153,6 +167,8 @@ class KernelConfig:
     pack_warp: tuple[int, int] = (1024, 32)
     pack_lanes: int = 256
     pack_flat: tuple[int, int, int] = (32, 64, 128)
+    pack_word_chunks: bool = True
+    pack_split: tuple[int, int, int] = (64, 256, 1024)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -635,17 +651,41 @@ def _pack_tile(cfg: KernelConfig, bp: int, kw: dict) -> int:
     return cfg.pack_tile
 
 
-def _pack_forms(cfg: KernelConfig, block: int, kw: dict, bits: int) -> tuple[bool, bool]:
-    """(FLAT, LANES) of the fused packing kernel: whether it loads its tile as [rows, B]
-    (``pack_flat``) and whether each word is stored by the thread that packed it
-    (``pack_lanes``: one-warp programs without the [rows, B] load)."""
+def _pack_split(cfg: KernelConfig, block: int, kw: dict) -> int:
+    """Rows of 32 values that each block is split into in fused packing programs
+    (``pack_split``), else 1."""
+    lo, one_warp_upto, upto = cfg.pack_split
+    if _pack_tile(cfg, block, kw) == cfg.pack_warp[0]:
+        upto = one_warp_upto
+    elif kw["FAMILY"] == tk.FAMILY_TABLE:
+        upto = 0
+    ok = 0 < lo <= block <= upto and block % 32 == 0 and block == _pow2(block)
+    return block // 32 if ok else 1
+
+
+def _pack_forms(cfg: KernelConfig, row: int, kw: dict, bits: int, chunk: bool) -> tuple[bool, bool]:
+    """(FLAT, LANES) of the fused packing kernel for tile rows of ``row`` values: whether it
+    loads its tile as [rows, B] (``pack_flat``) and whether each word is stored by the
+    thread that packed it (``pack_lanes``: one-warp programs without the [rows, B] load)."""
     table_from, other_from, one_warp_upto = cfg.pack_flat
-    if _pack_tile(cfg, _pow2(block), kw) != cfg.pack_warp[0]:  # 4-warp programs
+    if _pack_tile(cfg, _pow2(row), kw) != cfg.pack_warp[0]:  # 4-warp programs
         table = kw["FAMILY"] == tk.FAMILY_TABLE
-        return 0 < (table_from if table else other_from) <= block, False
-    word_element = kw["FAMILY"] == tk.FAMILY_ELEMENT and bits in _WORD_DTYPES
-    flat = 0 < other_from <= block <= one_warp_upto and not word_element
-    return flat, not flat and 0 < cfg.pack_lanes <= block
+        return 0 < (table_from if table else other_from) <= row, False
+    # MX / NV element codes whose groups are stored as whole words measured slower with it
+    word_element = kw["FAMILY"] == tk.FAMILY_ELEMENT and (bits in _WORD_DTYPES or chunk)
+    flat = 0 < other_from <= row <= one_warp_upto and not word_element
+    return flat, not flat and 0 < cfg.pack_lanes <= row
+
+
+def _pack_layout(
+    cfg: KernelConfig, block: int, kw: dict, bits: int
+) -> tuple[int, bool, bool, bool]:
+    """(SPLIT, CHUNK, FLAT, LANES) of ``fused_pack_kernel`` for a block size: the 32-value
+    rows a block is split into (``pack_split``), whether 32 codes are stored as whole words
+    (``pack_word_chunks``), and the load and store forms of its tile rows (``_pack_forms``)."""
+    split = _pack_split(cfg, block, kw)
+    chunk = bits not in _WORD_DTYPES and cfg.pack_word_chunks and block % 32 == 0
+    return split, chunk, *_pack_forms(cfg, block // split, kw, bits, chunk)
 
 
 def _fake_launch(cfg: KernelConfig, block: int, kw: dict) -> tuple[int, int]:
@@ -744,24 +784,34 @@ def _launch(
             )  # fmt: skip
             return out, None
         scales = torch.empty(nblocks, dtype=sc.store_dtype, device=x.device)
+        shape = dict(B=block, BP=bp, ROWS=rows)
         cg = _pack_chunk(k, block, cfg)
         if cg:  # chunks of cg groups: k int32 (cg = 4) or int16 words each
             dst = buf.view(torch.int32 if cg == 4 else torch.int16)
             kernel, extra = tk.fused_pack_chunk_kernel, dict(CG=cg)
             units = nbytes
         else:
+            split, chunk, flat, lanes = _pack_layout(cfg, block, kw, k)
+            row = block // split  # values per tile row: a block, or a 32-value part of one
             words = k in _WORD_DTYPES
             sub = 16 if not words and k % 2 == 0 else 8  # k = 6: a group is 3 int16
-            piece_dtype = torch.int16 if sub == 16 else torch.uint8
-            dst = buf.view(_WORD_DTYPES[k] if words else piece_dtype)
-            units = -(-nbytes // (sub // 8))
-            flat, lanes = _pack_forms(cfg, block, kw, k)
+            if words:
+                dst = buf.view(_WORD_DTYPES[k])
+            elif chunk:  # 32 codes are k int32 words (k = 6: 3 int64)
+                dst = buf.view(torch.int32 if k % 2 else torch.int64)
+            else:
+                dst = buf.view(torch.int16 if sub == 16 else torch.uint8)
+            units = dst.numel() if chunk else -(-nbytes // (sub // 8))
             kernel = tk.fused_pack_kernel
-            extra = dict(KP=_pow2(k * 8 // sub), WORDS=words, SUB=sub, LANES=lanes, FLAT=flat)
+            extra = dict(
+                KP=_pow2(k * 8 // sub), WORDS=words, SUB=sub, LANES=lanes, FLAT=flat,
+                CHUNK=chunk, SPLIT=split,
+            )  # fmt: skip
+            shape = dict(B=row, BP=_pow2(row), ROWS=rows * split)
         kernel[grid](
             _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
             ptrs["mid"], ptrs["lay"], gd, n, nblocks, units,
-            B=block, BP=bp, ROWS=rows, **kw, **common, K=k, MASKED=masked, **extra,
+            **shape, **kw, **common, K=k, MASKED=masked, **extra,
             num_warps=_warps(rows * bp, cfg.pack_per_thread),
         )  # fmt: skip
         return out, scales

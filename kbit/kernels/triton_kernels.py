@@ -637,6 +637,29 @@ def _pack_groups(code, K: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_part(g, D: tl.constexpr, GB: tl.constexpr, WB: tl.constexpr):
+    """The bits of a GB-bit group that start D bits after a WB-bit word's first bit (D < 0:
+    the group began in an earlier word), shifted to their place in that word; 0 if none."""
+    if D >= 0 and D < WB:
+        part = g << D
+    elif D < 0 and D > -GB:
+        part = g >> -D
+    else:
+        part = tl.zeros_like(g)
+    return part
+
+
+@triton.jit
+def _chunk_out(g0, g1, g2, g3, W: tl.constexpr, K: tl.constexpr, WB: tl.constexpr):
+    """Word ``W`` (WB bits; the caller's cast truncates) of the bitstream of four groups of 8
+    K-bit codes, each given as one integer of 8 K bits (``_pack_groups``)."""
+    GB: tl.constexpr = 8 * K
+    word = _chunk_part(g0, -WB * W, GB, WB) | _chunk_part(g1, GB - WB * W, GB, WB)
+    word |= _chunk_part(g2, 2 * GB - WB * W, GB, WB) | _chunk_part(g3, 3 * GB - WB * W, GB, WB)
+    return word
+
+
+@triton.jit
 def fused_fake_kernel(
     x_ptr, out_ptr, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr, gd_ptr, n,
     B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
@@ -693,7 +716,8 @@ def fused_pack_kernel(
     PNE: tl.constexpr, PELO: tl.constexpr,
     SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr, MASKED: tl.constexpr,
-    SUB: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr,
+    SUB: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Block scales and packed codes; the tile is [ROWS, BP // 8, 8] (B % 8 == 0), so each
     group of 8 codes is packed without moving data between threads.
@@ -706,6 +730,8 @@ def fused_pack_kernel(
     LANES=1: each packed word is stored by the thread that packed it, 4 bytes wide, instead
     of being moved to a 16-byte store layout (``KernelConfig.pack_lanes``). FLAT=1: the tile
     is loaded as [ROWS, BP] and viewed as [ROWS, BP // 8, 8] (``KernelConfig.pack_flat``).
+    SPLIT > 1: a block spans SPLIT consecutive rows of B values (``KernelConfig.pack_split``):
+    the rows' absmax is combined over each block's rows and its scale stored from the first.
     The default packing kernel: ``fused_pack_chunk_kernel`` (``KernelConfig.pack_chunks``)
     issues fewer instructions but measured slower on an H200 (its loads are not coalesced).
     """
@@ -732,6 +758,9 @@ def fused_pack_kernel(
         absmax = tl.max(tl.max(tl.abs(xin), axis=2), axis=1).to(tl.float32)
     else:
         absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    if SPLIT > 1:  # every row of a block gets the block's absmax
+        blk = tl.max(tl.reshape(absmax, [ROWS // SPLIT, SPLIT]), axis=1)
+        absmax = tl.reshape(tl.broadcast_to(blk[:, None], [ROWS // SPLIT, SPLIT]), [ROWS])
     s, stored = _block_scale(absmax, gd_ptr, SCALE_DT, EMAX)
     sd, r, k = _reciprocal(s, stored, DIV)
     xn = _divide(x, sd[:, None, None], r[:, None, None], k[:, None, None], gd_ptr, DIV)
@@ -741,9 +770,12 @@ def fused_pack_kernel(
         BREF, BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO,
     )  # fmt: skip
     st = _to_out(stored, scale_ptr.dtype.element_ty)
+    first = rows % SPLIT == 0  # the row that stores its block's scale
     if MASKED:
         code = tl.where(mask, code, 0)
-        tl.store(scale_ptr + rows, st, mask=rows < nblocks)
+        tl.store(scale_ptr + rows // SPLIT, st, mask=first & (rows // SPLIT < nblocks))
+    elif SPLIT > 1:
+        tl.store(scale_ptr + rows // SPLIT, st, mask=first)
     else:
         tl.store(scale_ptr + rows, st)
     words = _pack_groups(code, K, 2)
@@ -756,6 +788,21 @@ def fused_pack_kernel(
             tl.store(out_ptr + gidx, w, mask=(grp[None, :] * 8 < B) & (gidx * 8 < n))
         else:
             tl.store(out_ptr + gidx, w)
+    elif CHUNK:  # four groups (32 codes, 4 K bytes) as K int32 words, or K / 2 int64
+        ev, od = tl.split(tl.reshape(words, [ROWS, BP // 32, 2, 2]))
+        g0, g2 = tl.split(ev)
+        g1, g3 = tl.split(od)
+        WB: tl.constexpr = 32 if K % 2 else 64
+        NW: tl.constexpr = 4 * K * 8 // WB
+        ch = tl.arange(0, BP // 32)
+        cidx = (rows[:, None] * (B // 32) + ch[None, :]) * NW
+        for w in tl.static_range(NW):
+            word = _chunk_out(g0, g1, g2, g3, w, K, WB).to(out_ptr.dtype.element_ty)
+            if MASKED:
+                ok = (ch[None, :] * 32 < B) & (cidx + w < nunits)
+                tl.store(out_ptr + cidx + w, word, mask=ok)
+            else:
+                tl.store(out_ptr + cidx + w, word)
     else:  # a group's K bytes as K * 8 / SUB pieces of SUB bits (16 where K is even)
         b = tl.arange(0, KP)
         piece = (words[:, :, None] >> (b * SUB).to(words.dtype)[None, None, :]) & (2**SUB - 1)
