@@ -723,10 +723,12 @@ def fused_pack_kernel(
     group of 8 codes is packed without moving data between threads.
 
     WORDS=True (k = 2, 4, 8): ``out_ptr`` is the byte buffer viewed as int{2k}, one element per
-    group, so a group is one store. Otherwise the k bytes of a group are stored as pieces of
-    SUB bits (``out_ptr`` viewed as int16 for k = 6, as bytes for odd k; KP: their number
-    per group, padded to a power of two); ``nunits`` is the length of that view that holds
-    the packed bytes.
+    group, so a group is one store. CHUNK=1 (other k, B % 32 == 0): the four groups of 32
+    consecutive codes are stored as k int32 words (k = 6: three int64; ``out_ptr`` viewed so,
+    ``nunits`` its length; ``KernelConfig.pack_word_chunks``). Otherwise the k bytes of a
+    group are stored as pieces of SUB bits (``out_ptr`` viewed as int16 for k = 6, as bytes
+    for odd k; KP: their number per group, padded to a power of two); ``nunits`` is the
+    length of that view that holds the packed bytes.
     LANES=1: each packed word is stored by the thread that packed it, 4 bytes wide, instead
     of being moved to a 16-byte store layout (``KernelConfig.pack_lanes``). FLAT=1: the tile
     is loaded as [ROWS, BP] and viewed as [ROWS, BP // 8, 8] (``KernelConfig.pack_flat``).
