@@ -750,16 +750,34 @@ def test_pair_layout_choice() -> None:
 
 @needs_triton
 def test_auto_search_choice() -> None:
-    """``search="auto"``: arithmetic codes for int codebooks, pair records in shared memory for
-    every other codebook (float grids included), the tree where no pair layout exists."""
+    """``search="auto"``: arithmetic codes for int codebooks, and for packing float grids
+    without mantissa bits (every entry 0 or a power of two) whose pair table would not be
+    uniform (float4, not float3); pair records in shared memory for every other codebook and
+    direction, the tree where no pair layout exists."""
+    from kbit.kernels import arith
     from kbit.kernels import launch as bw
+    from kbit.kernels import triton_kernels as tk
 
     cfg = bw.DEFAULT_CONFIG
     for k in (3, 4, 8):
         assert bw._resolve_search(codebook("int", k), cfg, pack=False) == "arith"
         for name in ("float", "nf", "dynamic"):
             for direction in (False, True):
-                assert bw._resolve_search(codebook(name, k), cfg, pack=direction) == "pair-smem"
+                want = "arith" if name == "float" and k == 4 and direction else "pair-smem"
+                assert bw._resolve_search(codebook(name, k), cfg, pack=direction) == want
+    pow2 = {
+        (k, e): arith.pow2_magnitudes(codebook("float", k, e)) for k in (3, 4, 5) for e in (1, 2)
+    }
+    assert pow2 == {(3, 1): None, (3, 2): 3, (4, 1): None, (4, 2): None, (5, 1): None, (5, 2): None}
+    assert arith.pow2_magnitudes(codebook("float", 4)) == 7
+    _, kw = bw._code_args(codebook("float", 4), 4, torch.device("cpu"), cfg, True)
+    assert kw["FAMILY"] == tk.FAMILY_POW2 and kw["AM"] == 7
+    near = codebook("float", 4).clone()
+    near[9] = torch.nextafter(near[9], torch.tensor(1.0))  # one entry off a power of two
+    assert arith.pow2_magnitudes(near) is None
+    assert arith.pow2_magnitudes(codebook("int", 2)) == 1  # {-1, 0, 1}: kept on the int path
+    _, kw = bw._code_args(codebook("int", 2), 2, torch.device("cpu"), cfg, True)
+    assert kw["FAMILY"] == tk.FAMILY_INT
     close = torch.tensor([-1.0, 0.25, 0.25 + 2**-20, 0.25 + 2**-19, 1.0])
     assert bw._resolve_search(close, cfg, pack=False) == "tree"
     with pytest.raises(ValueError, match="search="):

@@ -175,6 +175,19 @@ def detect(codebook: torch.Tensor) -> IntCode | FloatCode | None:
     return _cache[key]
 
 
+def pow2_magnitudes(codebook: torch.Tensor) -> int | None:
+    """N if a sorted float32 codebook is exactly {0, +-2^(1-N), ..., +-2^-1, +-1} (a float
+    grid without mantissa bits, normalised), else None: its codes follow from an input's
+    exponent and first mantissa bit (``triton_kernels._pow2_rank``)."""
+    cb = codebook.detach().to("cpu", torch.float32).contiguous().numpy()
+    n = (cb.size - 1) // 2
+    if cb.size % 2 == 0 or not 1 <= n <= 126:
+        return None
+    mags = np.ldexp(np.float32(1), np.arange(1 - n, 1)).astype(np.float32)
+    want = np.concatenate([-mags[::-1], np.zeros(1, np.float32), mags])
+    return n if np.array_equal(cb.view(np.int32), want.view(np.int32)) else None
+
+
 def element_code(dtype: str, bits: int, exponent_bits: int | None) -> ElementCode:
     """The element grid of a microscaling spec (``mxfp``, ``mxint``, ``nvfp``)."""
     from kbit.codebooks import element_grid

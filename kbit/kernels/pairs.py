@@ -41,7 +41,9 @@ _TWO23 = _F32(8388608.0)
 #: largest number of buckets a table may have
 MAX_BUCKETS = 4096
 LAYOUTS = ("auto", "uniform", "log", "binade")
-#: ``PairTables.layout`` of the per-binade index (its word table is a dependent read)
+#: ``PairTables.layout`` of the uniform index (one FMA) and of the per-binade index (its
+#: word table is a dependent read)
+LAYOUT_UNIFORM = 0
 LAYOUT_BINADE = 1
 _INDEX_COST = {0: 0, 2: 1, 1: 2}
 

@@ -73,9 +73,7 @@ FAMILY_TABLE = 0
 FAMILY_INT = 1
 FAMILY_FLOAT = 2
 FAMILY_ELEMENT = 3
-
-_TWO23 = 8388608.0  # 2^23: unit in the last place 1
-_SIGN = -2147483648  # 0x80000000 as int32
+FAMILY_POW2 = 4  # 0 and +-2^(1-N) .. +-1 (AM = N): float codebooks without mantissa bits
 
 
 @triton.jit
@@ -300,6 +298,22 @@ def _float_pair(
     chi = _div_const(hi, AHI, ALO)
     up = xn > (clo + chi) * 0.5
     return sm, ec, cb, wb, down, clo, chi, up
+
+
+@triton.jit
+def _pow2_rank(xn, N: tl.constexpr):
+    """(q, sign mask) of ``xn`` on the grid {0, +-2^(1-N), ..., +-2^-1, +-1}: q = 0 for 0, i
+    for 2^(i-N). A binade [2^e, 2^(e+1)) holds one midpoint, 1.5 2^e, so adding half a
+    binade's mantissa to the fp32 bits carries into the exponent exactly above it; the
+    binade below the smallest entry (midpoint 2^-N, its lower end) is the comparison with
+    2^-N's bits. Ties go to the lower code: for a positive value the smaller magnitude, for
+    a negative one the larger (the sign mask, -1, moves the rounding point by one ulp)."""
+    xb = xn.to(tl.int32, bitcast=True)
+    sg = xb >> 31  # -1 for negative xn, else 0
+    mb = xb & 0x7FFFFFFF
+    q = ((mb + (0x3FFFFF - sg)) >> 23) - (127 - N)
+    q = tl.maximum(q, (mb - sg > ((127 - N) << 23)).to(tl.int32))
+    return tl.minimum(q, N), sg
 
 
 # ----------------------------------------------------------------------------- table searches
@@ -552,6 +566,10 @@ def _value(xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
     elif FAMILY == 2:
         _, _, _, _, _, lo, hi, up = _float_pair(xn, AVM, AV2, AM, AEMIN, AHI, ALO)
         v = tl.where(up, hi, lo)
+    elif FAMILY == 4:
+        q, sg = _pow2_rank(xn, AM)
+        bits = tl.where(q == 0, 0, ((q + (127 - AM)) << 23) | (sg & -2147483648))
+        v = bits.to(tl.float32, bitcast=True)
     elif FAMILY == 3:
         t, _, _ = _element_round(tl.abs(xn), AVM, AM, AEMIN)
         v = (t.to(tl.int32, bitcast=True) | (xn.to(tl.int32, bitcast=True) & -2147483648)).to(
@@ -606,6 +624,9 @@ def _code(xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
     elif FAMILY == 2:
         sm, ec, cb, wb, down, _, _, up = _float_pair(xn, AVM, AV2, AM, AEMIN, AHI, ALO)
         code = _float_code(sm, ec, cb, wb, down, up, AM, AEMIN, AZERO, ALAST)
+    elif FAMILY == 4:
+        q, sg = _pow2_rank(xn, AM)
+        code = AM + ((q ^ sg) - sg)
     elif FAMILY == 3:
         _, sm, ec = _element_round(tl.abs(xn), AVM, AM, AEMIN)
         mag = _element_rank(sm, ec, AM, AEMIN)

@@ -1,0 +1,167 @@
+"""The Triton kernels compile for an H100/H200 (sm_90) without a GPU.
+
+The kernel tests run in Triton's interpreter, which executes the kernels as Python: it
+accepts code the compiler rejects (a module-level constant read inside a jit function, a
+shape the layout passes cannot handle). Here each launch a public entry point makes is
+captured instead of run and compiled to a cubin with the ptxas bundled in Triton's wheel,
+so a kernel that would fail on the GPU fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kbit.codebooks import codebook
+from kbit.kernels import _format, launch
+from kbit.kernels import triton_kernels as tk
+
+_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret"
+    ),
+    pytest.mark.skipif(
+        not _PTXAS.is_file() and shutil.which("ptxas") is None, reason="no ptxas to compile with"
+    ),
+]
+
+_POINTER = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.int16: "*i16",
+    torch.uint8: "*u8",
+    torch.int8: "*i8",
+    torch.float8_e4m3fn: "*fp8e4nv",
+}
+_KERNELS = [name for name in dir(tk) if isinstance(getattr(tk, name), triton.JITFunction)]
+
+
+class _Capture:
+    """Stands in for a kernel: records each launch (function, arguments) instead of running."""
+
+    def __init__(self, fn: triton.JITFunction, launches: list) -> None:
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.launches.append((self.fn, args, kwargs))
+
+        return launch_
+
+
+def _compile(fn: triton.JITFunction, args: tuple, kwargs: dict) -> None:
+    """Compile one captured launch for sm_90 (cubin)."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = _POINTER[v.dtype]
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i64" if abs(int(v)) >= 2**31 else "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"], fn.__name__
+
+
+def _launches(call) -> list:
+    """The kernel launches ``call()`` makes (nothing runs; device-side results are not read)."""
+    launches: list = []
+    saved = {name: getattr(tk, name) for name in _KERNELS}
+    try:
+        for name, fn in saved.items():
+            setattr(tk, name, _Capture(fn, launches))
+        call()
+    finally:
+        for name, fn in saved.items():
+            setattr(tk, name, fn)
+    return launches
+
+
+def _x(n: int = 1 << 14, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _blockwise(name: str, bits: int, block: int | None, pack: bool, dtype=torch.float16, **cfg):
+    cb, config = codebook(name, bits), launch.KernelConfig(**cfg)
+    if pack:
+        return lambda: launch.quantize_blockwise(
+            _x(dtype=dtype), cb, block, torch.float16, bits, config=config
+        )
+    return lambda: launch.fake_quantize_blockwise(
+        _x(dtype=dtype), cb, block, torch.float16, config=config
+    )
+
+
+CASES = {
+    # packing: whole-word chunks (k = 3), 32-value rows (B = 64..256), lane stores (1024)
+    "pack-int3-b32": _blockwise("int", 3, 32, True),
+    "pack-int4-b64": _blockwise("int", 4, 64, True),
+    "pack-int4-b1024": _blockwise("int", 4, 1024, True),
+    "pack-int8-b256": _blockwise("int", 8, 256, True),
+    "pack-float4-b128": _blockwise("float", 4, 128, True),  # exponent bits (FAMILY_POW2)
+    "pack-nf8-b4096": _blockwise("nf", 8, 4096, True),  # shared-memory pair table
+    "pack-dynamic8-b64": _blockwise("dynamic", 8, 64, True),  # per-binade index
+    "pack-int3-b96": _blockwise("int", 3, 96, True),  # padded rows
+    "pack-float4-b64-bf16": _blockwise("float", 4, 64, True, torch.bfloat16),
+    "fake-float4-b64": _blockwise("float", 4, 64, False),
+    "fake-float4-b64-bits": _blockwise("float", 4, 64, False, search="arith"),
+    "fake-float8-b64-arith": _blockwise("float", 8, 64, False, search="arith"),
+    "pack-int4-b64-chunks": _blockwise("int", 4, 64, True, pack_chunks=True),
+    "fake-nf8-b1024": _blockwise("nf", 8, 1024, False),
+    "fake-int4-b8192": _blockwise("int", 4, 8192, False),  # two-pass kernels
+    "pack-mxfp6": lambda: launch.quantize_microscaling(_x(), _format("mxfp6")),
+    "fake-mxfp4": lambda: launch.fake_quantize_microscaling(_x(), _format("mxfp4")),
+    "dequant-int3-b64": lambda: launch.dequantize_blockwise(
+        torch.zeros(3 * (1 << 14) // 8, dtype=torch.uint8),
+        torch.ones((1 << 14) // 64, dtype=torch.float16),
+        codebook("int", 3),
+        64,
+        3,
+        1 << 14,
+        torch.float16,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernels_compile_for_sm90(case: str) -> None:
+    launches = _launches(CASES[case])
+    assert launches, case
+    for fn, args, kwargs in launches:
+        _compile(fn, args, dict(kwargs))
+
+
+def test_a_kernel_the_interpreter_accepts_can_fail_to_compile(tmp_path: Path) -> None:
+    """The check itself: a jit function that reads a plain module global (fine in the
+    interpreter) does not compile."""
+    import importlib.util
+
+    path = tmp_path / "probe_kernel.py"
+    path.write_text(
+        "import triton\nimport triton.language as tl\nLIMIT = 3\n\n\n"
+        "@triton.jit\ndef probe(x_ptr):\n    tl.store(x_ptr, tl.load(x_ptr) + LIMIT)\n"
+    )
+    spec = importlib.util.spec_from_file_location("probe_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(Exception, match="LIMIT"):
+        _compile(module.probe, (torch.zeros(1),), {})
