@@ -908,8 +908,8 @@ def test_kernels_in_interpreter() -> None:
 
 def test_pack_layout_choices() -> None:
     """The packing kernel's layout follows ``KernelConfig`` as documented: blocks of 64..256
-    split into 32-value rows in one-warp programs (up to 1024 in 4-warp programs of codes
-    without a table, never for table codes there); the [rows, B] load for table codes in
+    split into 32-value rows in one-warp programs (up to 1024 in 4-warp programs of
+    arithmetic codes, never for table codebooks there); the [rows, B] load for table codes in
     4-warp programs from B = 32, otherwise from 64 (in one-warp programs up to 128 and not
     for element codes whose groups are stored as whole words); per-thread word stores in
     one-warp programs from rows of 256, never with the [rows, B] load; 32 codes as whole

@@ -131,13 +131,13 @@ class KernelConfig:
     stores per thread become 4 word stores; on an H200 int3 at B = 32 / 1024 packed at
     70 / 68 -> 87 / 85% of copy, mxfp6 at 32 / 64 64 / 55 -> 88 / 77% ("v10").
     ``pack_split``: (smallest block, largest block in one-warp programs, largest block in
-    4-warp programs of codes without a shared-memory table) that fused packing splits into
-    rows of 32 values: the tile is laid out as for B = 32 (a thread per row, whole groups
-    per thread, no shuffles of codes or barriers) and the rows' absmax is combined over
-    each block's rows. On an H200 int4 at B = 64 / 128 77 / 75 -> 89 / 89%, int3 71 / 72 ->
-    85 / 83%, float4 65 -> 75%, int8 (4-warp) at 256 78 -> 83%; it lost at B = 1024 in
-    one-warp programs (nf4 88 -> 83%), at 4096 (int8 88 -> 81%) and for table codes in
-    4-warp programs (dynamic4 at 256 68 -> 64%) ("v10").
+    4-warp programs of arithmetic codes, i.e. not table codebooks) that fused packing
+    splits into rows of 32 values: the tile is laid out as for B = 32 (a thread per row,
+    whole groups per thread, no shuffles of codes or barriers) and the rows' absmax is
+    combined over each block's rows. On an H200 int4 at B = 64 / 128 77 / 75 -> 89 / 88%,
+    int3 71 / 72 -> 85 / 83%, float4 65 -> 75%, int8 (4-warp) at 256 78 -> 83%; it lost at
+    B = 1024 in one-warp programs (nf4 88 -> 83%), at 4096 (int8 88 -> 81%) and for table
+    codes in 4-warp programs (dynamic4 at 256 68 -> 64%) ("v10").
     ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
     from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
     instructions per value than computing it from both neighbours.
