@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
 
 from kbit.codebooks import codebook
 from kbit.kernels import _format, launch
@@ -35,17 +36,6 @@ pytestmark = [
     ),
 ]
 
-_POINTER = {
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.float32: "*fp32",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.int16: "*i16",
-    torch.uint8: "*u8",
-    torch.int8: "*i8",
-    torch.float8_e4m3fn: "*fp8e4nv",
-}
 _KERNELS = [name for name in dir(tk) if isinstance(getattr(tk, name), triton.JITFunction)]
 
 
@@ -71,12 +61,8 @@ def _compile(fn: triton.JITFunction, args: tuple, kwargs: dict) -> None:
         v = values[p.name]
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = _POINTER[v.dtype]
-        elif isinstance(v, float):
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i64" if abs(int(v)) >= 2**31 else "i32"
+        else:  # Triton's own name of the argument's type: "*fp16", "i32", "fp32", ...
+            signature[p.name] = mangle_type(v)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], fn.__name__

@@ -485,8 +485,8 @@ def _resolve_search(cb: torch.Tensor, cfg: KernelConfig, pack: bool) -> str:
     # packing a float grid of powers of two: its exponent bits beat a log-indexed table
     # (float4 on an H200: 74-78 -> 77-84% of copy), not a uniform one (float3: 80-82 ->
     # 74-77%); fake quantization keeps the table (float4 90-91 -> 86-90% from the bits)
-    pow2 = arith.pow2_magnitudes(cpu) is not None
-    if pack and pow2 and (t is None or t.layout != pairs.LAYOUT_UNIFORM):
+    uniform = t is not None and t.layout == pairs.LAYOUT_UNIFORM
+    if pack and not uniform and arith.pow2_magnitudes(cpu) is not None:
         return "arith"
     if t is None and fam is not None:
         return "arith"
