@@ -38,6 +38,7 @@ import argparse
 import math
 import platform
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -226,6 +227,33 @@ def bench_rows(
             if on_row is not None:
                 on_row(rows)
     return rows
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """One row per (case, block) from the rows of several timing rounds: each timing field
+    (``*_ms``, ``*_gbs``, ``*_pct``) the median over the rounds that measured it, the rounds'
+    percentages kept as ``*_pct_rounds``. Percentages are taken within each round, against
+    that round's copy, before the median. A row that failed in a round keeps the other rounds'
+    timings; one that failed in every round keeps its first error."""
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            by_key.setdefault((row["case"], row["block"]), []).append(row)
+    out = []
+    for got in by_key.values():
+        ok = [r for r in got if "error" not in r]
+        if not ok:
+            out.append(got[0])
+            continue
+        row = dict(ok[0])
+        for field in ok[0]:
+            if field.endswith(("_ms", "_gbs", "_pct")):
+                vals = [r[field] for r in ok if field in r]
+                row[field] = statistics.median(vals)
+                if field.endswith("_pct"):
+                    row[f"{field}_rounds"] = vals
+        out.append(row)
+    return out
 
 
 def _fmt_row(row: dict) -> str:
@@ -548,7 +576,9 @@ def self_check(quick: bool = False, parts: tuple[str, ...] = CHECK_PARTS) -> dic
 
 # ----------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
-    lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, medians of do_bench)", ""]
+    rounds = res.get("rounds", 1)
+    how = "medians of do_bench" + (f", median of {rounds} rounds" if rounds > 1 else "")
+    lines = [f"Device: {res['device']} ({res['numel']:,} fp16 values, {how})", ""]
     lines.append(f"Copy (read + write): {res['copy_gbs']:.0f} GB/s; torch {res['torch']}, "
                  f"triton {res['triton']}, mode {res['mode']}")  # fmt: skip
     lines.append("")
@@ -645,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant-blocks", default="64,1024", help="block sizes for --variants")
     ap.add_argument("--numel", type=int, default=None, help="values in the test tensor")
     ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes comparison")
+    ap.add_argument("--rounds", type=int, default=None, help="time the grid N times over and "
+                    "report each row's median round (default 3, 1 with --quick)")  # fmt: skip
     ap.add_argument("--pack-compare", action="store_true", help="also time the other packing "
                     "kernel (KernelConfig.pack_chunks flipped) and compare its bytes")  # fmt: skip
     ap.add_argument("--families", default=None, help="comma list of int,float,nf,dynamic,"
@@ -687,17 +719,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(numel, device=DEVICE, dtype=torch.float16)
     dst = torch.empty_like(x)
-    res["copy_ms"] = copy_ms = _bench(partial(dst.copy_, x), 25, 200)
-    res["copy_gbs"] = copy_gbs = _gbs(4 * numel, copy_ms)
     res["numel"] = numel
-    del dst
-    print(f"copy: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s", flush=True)
     partial_file = args.out / f"quant_{slug(res['device'])}.partial.json"
-    res["rows"] = bench_rows(
-        x, cases(fams, bits), blocks, copy_gbs, reps, not args.quick,
-        on_row=lambda rows: write_json(res | {"rows": rows}, partial_file),
-        pack_compare=args.pack_compare,
-    )  # fmt: skip
+    runs, copies = [], []
+    # the grid is timed ``--rounds`` times over, each round against its own copy: on an H200
+    # timings slow down in episodes of a fraction of a second (single do_bench medians 15-25%
+    # slow, kernels_notes "v11"), so the tables report every row's median round
+    rounds = args.rounds or (1 if args.quick else 3)
+    for r in range(rounds):
+        copy_ms = _bench(partial(dst.copy_, x), 25, 200)
+        copies.append(copy_ms)
+        copy_gbs = _gbs(4 * numel, copy_ms)
+        print(f"round {r + 1}/{rounds} copy: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s", flush=True)
+        done = runs[:]
+        runs.append(bench_rows(
+            x, cases(fams, bits), blocks, copy_gbs, reps, not args.quick,
+            on_row=lambda rows, done=done: write_json(
+                res | {"rows": median_rows([*done, rows])}, partial_file),
+            pack_compare=args.pack_compare,
+        ))  # fmt: skip
+    del dst
+    res["copy_ms"] = copy_ms = statistics.median(copies)
+    res["copy_gbs"] = copy_gbs = _gbs(4 * numel, copy_ms)
+    res["rounds"] = rounds
+    res["rows"] = median_rows(runs)
     if args.variants:
         vblocks = tuple(int(b) for b in args.variant_blocks.split(","))
         res["variants"] = variants(x, copy_gbs, vblocks, reps)

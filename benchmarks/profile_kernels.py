@@ -6,7 +6,8 @@
 A case is ``fake|pack:<codebook or microscaling spec>:<block>`` (``pack:int4:64``,
 ``fake:nvfp4:16``). A variant is ``name=field:value,...`` over ``KernelConfig`` fields (empty:
 the defaults). ``--time`` (default) times every case under every variant against the device
-copy in one run (medians of ``do_bench``) and checks that each variant's output equals the
+copy in one run (medians of ``do_bench``; with ``--rounds N`` the variants take turns N
+times and the median round is reported) and checks that each variant's output equals the
 first variant's bit for bit. ``--profile`` runs each (case, variant) once between
 ``cudaProfilerStart``/``Stop`` after a warm-up, for
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import replace
 from functools import partial
@@ -105,6 +107,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="variants timed in turn N times; median reported"
+    )
     a = ap.parse_args()
     import triton
 
@@ -152,8 +157,7 @@ def main() -> None:
     print("| case | " + " | ".join(variants) + " | same |")
     print("|---|" + "---|" * (len(variants) + 1))
     for c in cases:
-        ref = None
-        pct, same = [], True
+        ref, same, calls = None, True, {}
         for v, cfg in variants.items():
             fn, nbytes = make_call(c, x, cfg)
             out = fn()
@@ -161,11 +165,21 @@ def main() -> None:
                 ref = out
             else:
                 same = same and same_outputs(ref, out)
-            ms = bench(fn)
+            calls[v] = fn
+            del out
+        del ref
+        # the variants take turns, round after round: a drift of the clocks during the run
+        # (run-to-run spread of up to 15 points was seen on an H200) hits them alike
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(a.rounds):
+            for v, fn in calls.items():
+                times[v].append(bench(fn))
+        pct = []
+        for v, ms_all in times.items():
+            ms = statistics.median(ms_all)
             p = 100 * nbytes / ms / 1e6 / copy_gbs
             pct.append(p)
-            rows.append(dict(case=c, variant=v, ms=ms, pct=p))
-            del out
+            rows.append(dict(case=c, variant=v, ms=ms, pct=p, ms_rounds=ms_all))
         print(f"| {c} | " + " | ".join(f"{p:.1f}" for p in pct) + f" | {same} |", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbs=copy_gbs, numel=a.numel,

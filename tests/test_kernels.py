@@ -706,8 +706,9 @@ def test_pair_tables_give_reference_codes(layout: str) -> None:
     """Every pair layout for every codebook family at k = 2..8 and the edge tables: the
     kernels' bucket function (emulated exactly) and one record read give the reference code
     and value at every midpoint, its neighbours, every entry, zeros, subnormals and beyond the
-    ends; a codebook with midpoints closer than any layout resolves gets no table."""
-    built = 0
+    ends (and so do the 4-byte cell records of the log and per-binade layouts); a codebook
+    with midpoints closer than any layout resolves gets no table."""
+    built = cells = 0
     for name, _, cbt in _edge_codebooks():
         cb = cbt.numpy().astype(np.float32)
         t = pairs.build(cb, layout)
@@ -727,7 +728,15 @@ def test_pair_tables_give_reference_codes(layout: str) -> None:
         assert np.array_equal(v.view(np.int32), cb[ref].view(np.int32)), name
         mid = (t.pack[idx] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
         assert np.array_equal((t.pack[idx] >> 32) + (xs > mid), ref), name
+        if t.pack32 is not None:  # the kernel's cell-record comparison, emulated
+            cells += 1
+            xb = xs.view(np.int32).astype(np.int64)
+            w = pairs.cell_bits(t)[idx]
+            y = (xb ^ (xb >> 31)) & ((1 << w) - 1)
+            rec = t.pack32[idx].view(np.uint32).astype(np.int64)
+            assert np.array_equal((rec + y) >> w, ref), name
     assert built >= len(CODEBOOKS) // 2
+    assert cells >= 1 if layout != "uniform" else cells == 0
 
 
 @host_only

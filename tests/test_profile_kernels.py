@@ -45,3 +45,30 @@ def test_calls_and_bytes() -> None:
         (fa, ba), (fb, bb) = (profile_kernels.make_call(case, x, c) for c in cfgs.values())
         assert ba == bb == nbytes, case
         assert profile_kernels.same_outputs(fa(), fb()), case
+
+
+def test_median_rows() -> None:
+    """bench_quant's rounds: per row each timing is the median over the rounds that measured
+    it (a slow round does not move it), percentages within their round; a row that failed in
+    one round keeps the others, one that failed in all keeps its error."""
+    import bench_quant
+
+    def row(case: str, ms: float, copy_gbs: float) -> dict:
+        gbs = 4.0 / ms
+        return dict(case=case, block=64, search="pair-smem", fake_ms=ms, fake_gbs=gbs,
+                    fake_pct=100 * gbs / copy_gbs)  # fmt: skip
+
+    err = dict(case="b", block=64, error="RuntimeError()")
+    runs = [
+        [row("a", 1.0, 4.0), dict(err)],
+        [row("a", 1.3, 4.0), row("b", 2.0, 4.0)],  # a slow round
+        [row("a", 1.1, 5.0), dict(err)],
+        [dict(err, case="c")],
+    ]
+    got = {r["case"]: r for r in bench_quant.median_rows(runs)}
+    assert got["a"]["fake_ms"] == 1.1 and got["a"]["fake_gbs"] == 4.0 / 1.1
+    assert got["a"]["fake_pct_rounds"] == [100.0, 100 * (4 / 1.3) / 4, 100 * (4 / 1.1) / 5]
+    assert got["a"]["fake_pct"] == 100 * (4 / 1.3) / 4  # the median percentage, not the 1.1 ms
+    assert got["a"]["search"] == "pair-smem"
+    assert got["b"]["fake_ms"] == 2.0 and "error" not in got["b"]
+    assert got["c"]["error"] == "RuntimeError()"

@@ -97,9 +97,10 @@ class KernelConfig:
     an H100, benchmarks/kernels_notes.md, "v5"). ``pair_wide``: (smallest table, tile, values
     per thread) for fused fake quantization through ``pair-smem`` with a uniform or log index
     of at least that many entries: each program copies the table into shared memory once, so
-    a larger tile halves that cost (on an H200 +3 to +6 points of copy for quantile8's 1024
-    entries; 0 to -3 for the 512-entry nf8 and float8 tables at B <= 256, and the per-binade
-    index, whose word table is a second dependent read, lost 3-5; "v8").
+    a larger tile halves that cost: on an H200, with 32 values per thread (4 warps), float8 /
+    nf8 (512 entries) 80-88 -> 85-92% of copy and quantile8 (1024) 79-84 -> 80-84% ("v11";
+    with 16 values per thread (8 warps) the 512-entry tables gained nothing, "v8"); the
+    per-binade index, whose word table is a second dependent read, lost 3-5 points.
 
     ``pack_warp``: (tile, largest table): fused packing runs one-warp programs of that many
     values (``pack_per_thread`` each) where a padded block fits and the code needs no
@@ -138,6 +139,12 @@ class KernelConfig:
     int3 71 / 72 -> 85 / 83%, float4 65 -> 75%, int8 (4-warp) at 256 78 -> 83%; it lost at
     B = 1024 in one-warp programs (nf4 88 -> 83%), at 4096 (int8 88 -> 81%) and for table
     codes in 4-warp programs (dynamic4 at 256 68 -> 64%) ("v10").
+    ``pair_cell_records``: packing through pair records of tables of at least this many
+    entries (0: none) reads 4-byte cell records (``pairs.PairTables.pack32``: the code's
+    first position and the midpoint's low bits, compared as integers) where the layout has
+    them (log and per-binade indexes) instead of 8-byte ``(lo, midpoint)`` records: half the
+    bytes of the shared-memory gather. On an H200 float8 (448 entries) packed at 61-69 ->
+    68-77% of copy; dynamic4 (88 entries, its gather not the limit) lost 1-5 points ("v11").
     ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
     from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
     instructions per value than computing it from both neighbours.
@@ -166,12 +173,13 @@ class KernelConfig:
         (128, 256, 4096, 32),
         (512, 2048, 2048, 32),
     )
-    pair_wide: tuple[int, int, int] = (1024, 4096, 16)
+    pair_wide: tuple[int, int, int] = (512, 4096, 32)
     pack_warp: tuple[int, int] = (1024, 32)
     pack_lanes: int = 256
     pack_flat: tuple[int, int, int] = (32, 64, 128)
     pack_word_chunks: bool = True
     pack_split: tuple[int, int, int] = (64, 256, 1024)
+    pair_cell_records: int = 256
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -454,13 +462,15 @@ def _pair_tables(cb: torch.Tensor, device: torch.device, layout: str) -> tuple |
     if dev is None:
         ntab = _pow2(t.nb)
 
-        def pad(a: np.ndarray) -> torch.Tensor:
-            full = np.full(ntab, a[-1], np.int64)
+        def pad(a: np.ndarray | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            full = np.full(ntab, a[-1], a.dtype)
             full[: a.size] = a
             return torch.from_numpy(full).to(device)
 
-        dev = dict(fake=pad(t.fake), pack=pad(t.pack), lay=torch.from_numpy(t.lay).to(device),
-                   ntab=ntab)  # fmt: skip
+        dev = dict(fake=pad(t.fake), pack=pad(t.pack), pack32=pad(t.pack32),
+                   lay=torch.from_numpy(t.lay).to(device), ntab=ntab)  # fmt: skip
         if len(_pair_cache) > 256:
             _pair_cache.clear()
         _pair_cache[key] = dev
@@ -504,7 +514,9 @@ def _pair_args(
     t, dev = hit
     kw = dict(SEARCH=_SEARCH_MODES[search], NTAB=dev["ntab"], PLAY=t.layout, PK=t.k, PNB=t.nb,
               PNE=t.ne, PELO=t.elo)  # fmt: skip
-    return dict(fake=dev["fake"], pack=dev["pack"], lay=dev["lay"], kw=kw)
+    cells = 0 < cfg.pair_cell_records <= dev["ntab"] and dev["pack32"] is not None
+    return dict(fake=dev["fake"], pack=dev["pack32"] if cells else dev["pack"], lay=dev["lay"],
+                kw=kw)  # fmt: skip
 
 
 def _bucket_args(cb: torch.Tensor, device: torch.device, search: str) -> dict | None:

@@ -507,7 +507,9 @@ def _float_code(sm, ec, cb, wb, down, up, AM: tl.constexpr, AEMIN: tl.constexpr,
 @triton.jit
 def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr,
                 PNB: tl.constexpr, PNE: tl.constexpr, PELO: tl.constexpr):  # fmt: skip
-    """Bucket of ``xn`` in a pair-record table (``launch._pair_tables``).
+    """Bucket of ``xn`` in a pair-record table (``launch._pair_tables``) and the number of
+    low bits of ``xn`` it leaves (its cell: ``pairs.cell_bits``; 23 - PNE for the uniform
+    index, which has no cells and does not use it).
 
     PLAY=0 (uniform): ``RN(xn K + K)`` clamped to ``[0, 2K]``, by a magic-number FMA.
     PLAY=2 (log): ``_bucket_index`` with 2^PNE buckets per binade from 2^-PELO, PNB / 2 per
@@ -521,8 +523,10 @@ def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.cons
         f = tl.fma(xn, PK, PK + 8388608.0)
         f = tl.minimum(tl.maximum(f, 8388608.0), 8388608.0 + (PNB - 1))
         idx = f.to(tl.int32, bitcast=True) - 0x4B000000
+        low = tl.zeros_like(idx) + (23 - PNE)
     elif PLAY == 2:
         idx = _bucket_index(xn, PNE, PELO, PNB // 2)
+        low = tl.zeros_like(idx) + (23 - PNE)
     else:
         xb = xn.to(tl.int32, bitcast=True)
         mag = xb & 0x7FFFFFFF
@@ -532,21 +536,23 @@ def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.cons
             p = _smem_gather(tl.load(lay_ptr + tl.arange(0, 2 * PNE)), li)
         else:
             p = tl.load(lay_ptr + li)
-        idx = (p >> 5) + ((mag & 0x7FFFFF) >> (p & 31))
-    return idx
+        low = p & 31
+        idx = (p >> 5) + ((mag & 0x7FFFFF) >> low)
+    return idx, low
 
 
 @triton.jit
 def _pair_record(xn, rec_ptr, lay_ptr, SMEM: tl.constexpr, NTAB: tl.constexpr,
                  PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr, PNE: tl.constexpr,
                  PELO: tl.constexpr):  # fmt: skip
-    """The int64 record of ``xn``'s bucket, from global memory or a shared-memory copy."""
-    idx = _pair_index(xn, lay_ptr, SMEM, PLAY, PK, PNB, PNE, PELO)
+    """The record of ``xn``'s bucket, from global memory or a shared-memory copy, and the
+    low bits of its cell (``_pair_index``)."""
+    idx, low = _pair_index(xn, lay_ptr, SMEM, PLAY, PK, PNB, PNE, PELO)
     if SMEM:
         rec = _smem_gather(tl.load(rec_ptr + tl.arange(0, NTAB)), idx)
     else:
         rec = tl.load(rec_ptr + idx)
-    return rec
+    return rec, low
 
 
 @triton.jit
@@ -576,7 +582,7 @@ def _value(xn, tab_ptr, rec_ptr, btab_ptr, bhi_ptr, mid_ptr, cb_ptr, lay_ptr,
             tl.float32, bitcast=True
         )
     elif SEARCH >= 4:
-        rec = _pair_record(xn, rec_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE, PELO)
+        rec, _ = _pair_record(xn, rec_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE, PELO)
         lo = rec.to(tl.int32).to(tl.float32, bitcast=True)
         hi = (rec >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         v = tl.where(xn > (lo + hi) * 0.5, hi, lo)
@@ -633,9 +639,14 @@ def _code(xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
         neg = xn.to(tl.int32, bitcast=True) >> 31
         code = AZERO + ((mag ^ neg) - neg)
     elif SEARCH >= 4:
-        rec = _pair_record(xn, btab_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE, PELO)
-        mid = rec.to(tl.int32).to(tl.float32, bitcast=True)
-        code = (rec >> 32).to(tl.int32) + (xn > mid).to(tl.int32)
+        rec, low = _pair_record(xn, btab_ptr, lay_ptr, SEARCH == 5, NTAB, PLAY, PK, PNB, PNE,
+                                PELO)  # fmt: skip
+        if btab_ptr.dtype.element_ty == tl.int32:  # cell records (``pairs.PairTables.pack32``)
+            xb = xn.to(tl.int32, bitcast=True)
+            code = (rec + ((xb ^ (xb >> 31)) & ((1 << low) - 1))) >> low
+        else:
+            mid = rec.to(tl.int32).to(tl.float32, bitcast=True)
+            code = (rec >> 32).to(tl.int32) + (xn > mid).to(tl.int32)
     else:
         code = _codes(
             xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, LOGP, REG_LEVELS, STEP, AXIS,
