@@ -571,6 +571,50 @@ def test_nvfp4_reciprocal_division(device: str) -> None:
         assert same(g, q.extras["global_scale"])
 
 
+def _nv_refusing_pairs(amax: float, dt: str, min_mid: float) -> int:
+    """Host count of NVFP4's division check (``nv_scale_kernel``): non-negative values x of
+    ``dt`` up to the block bound, against the 126 positive E4M3 scales times
+    ``g = RN(amax / 2688)``, where the reciprocal division differs from the correctly rounded
+    quotient by a quotient that reaches ``min_mid`` (float64 emulation, ``kbit.kernels.exact``)."""
+    f32 = np.float32
+    e4m3 = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    g = exact.div32(np.array([amax], f32), np.array([2688.0], f32))[0]
+    s = (e4m3 * g).astype(f32)[:, None]
+    xs = exact.finite_values(dt)
+    x = xs[(xs >= 0) & (xs <= f32(g * f32(2688.0025634765625)))][None, :]
+    x, s = np.broadcast_arrays(x, s)
+    fast = exact.kernel_divide(x, s, exact.div32(np.ones_like(s), s))
+    ref = exact.div32(x, s)
+    differ = ~exact._same_bits(fast, ref) & (np.maximum(abs(fast), abs(ref)) >= min_mid)
+    return int(differ.sum())
+
+
+def test_nvfp4_division_check_refuses_where_it_must(device: str) -> None:
+    """The device-side verdict on NVFP4's reciprocal division (``launch._nv_gd``) counts
+    exactly the pairs the host emulation finds, on a tensor where the shortcut is exact
+    (bf16, absmax 1: none) and on one where it is not (bf16, absmax 1e-30: a few pairs with
+    quotients above the grid's smallest midpoint); there the kernels fall back to div_rn and
+    still equal the reference (the shortcut's results: test_nvfp4_reciprocal_division)."""
+    from kbit.kernels import launch
+
+    spec = QuantSpec.parse("nvfp4")
+    fmt = launch.microscaling("nvfp", 4, spec.exponent_bits, spec.block_size)
+    mid = launch._min_abs_mid(fmt.grid)
+    for amax, want_refused in ((1.0, False), (1e-30, True)):
+        x = (torch.linspace(-1, 1, 4096) * amax).to(torch.bfloat16)
+        top = float(x.float().abs().max())
+        gd, _ = launch._nv_gd(x.to(device), fmt, launch.DEFAULT_CONFIG)
+        count = _nv_refusing_pairs(top, "bf16", mid)
+        assert (count > 0) == want_refused, (amax, count)
+        assert float(gd[2]) == count, (amax, float(gd[2]), count)
+        if not want_refused:
+            continue
+        q = _mx_reference(x, spec)
+        assert same(kernels.fake_quantize_microscaling(x.to(device), spec), q.dequantize())
+        packed, scales, _ = kernels.quantize_microscaling(x.to(device), spec)
+        assert same(packed, q.codes) and same(scales, q.scales)
+
+
 @pytest.mark.parametrize("spec_id", MX_SPECS)
 @pytest.mark.slow
 @pytest.mark.skipif(not EXHAUSTIVE, reason="exhaustive check: set KBIT_EXHAUSTIVE=1")

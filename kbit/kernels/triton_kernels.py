@@ -519,13 +519,13 @@ def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.cons
     first bucket and how many mantissa bits it resolves (PNE is a power of two; ``lay`` is
     read from a shared-memory copy with SMEM).
     """
-    if PLAY == 0:
-        f = tl.fma(xn, PK, PK + 8388608.0)
-        f = tl.minimum(tl.maximum(f, 8388608.0), 8388608.0 + (PNB - 1))
-        idx = f.to(tl.int32, bitcast=True) - 0x4B000000
-        low = tl.zeros_like(idx) + (23 - PNE)
-    elif PLAY == 2:
-        idx = _bucket_index(xn, PNE, PELO, PNB // 2)
+    if PLAY != 1:
+        if PLAY == 0:
+            f = tl.fma(xn, PK, PK + 8388608.0)
+            f = tl.minimum(tl.maximum(f, 8388608.0), 8388608.0 + (PNB - 1))
+            idx = f.to(tl.int32, bitcast=True) - 0x4B000000
+        else:
+            idx = _bucket_index(xn, PNE, PELO, PNB // 2)
         low = tl.zeros_like(idx) + (23 - PNE)
     else:
         xb = xn.to(tl.int32, bitcast=True)
@@ -1015,11 +1015,13 @@ def nv_absmax_kernel(x_ptr, gd_ptr, n, C: tl.constexpr):
 def nv_scale_kernel(x_ptr, e_ptr, gd_ptr, min_mid, NX: tl.constexpr, CHECK: tl.constexpr):
     """NVFP4's global scale and division check, second pass (grid (126, values / NX), or
     (1, 1) without CHECK): ``g = amax / 2688`` and ``RN(6 g)`` into ``gd[0:2]`` (every
-    program writes the same values), and into ``gd[2]`` the number of pairs (every value
-    ``x`` of the input dtype, in ``x_ptr``, up to the tensor's absmax, against the block
-    scale ``e[pid0] * g``) where the block-reciprocal division differs from ``div_rn`` by
-    a quotient that reaches the element grid's smallest midpoint ``min_mid``: 0 allows the
-    shortcut (``_divide``, DIV=4)."""
+    program writes the same values), and into ``gd[2]`` the number of pairs (every
+    non-negative value ``x`` of the input dtype, ascending in ``x_ptr``, up to the tensor's
+    absmax, against the block scale ``e[pid0] * g``) where the block-reciprocal division
+    differs from ``div_rn`` by a quotient that reaches the element grid's smallest midpoint
+    ``min_mid``: 0 allows the shortcut (``_divide``, DIV=4). Both divisions are odd in x
+    (every step rounds to nearest even), so the negative values give the same verdict; a
+    program whose first (smallest) value exceeds the bound checks nothing."""
     amax = tl.load(gd_ptr + 3 + tl.zeros([1], tl.int32))
     amax = tl.where(tl.load(gd_ptr + 4 + tl.zeros([1], tl.int32)) > 0, float("nan"), amax)
     g = tl.math.div_rn(amax, tl.full([1], 2688.0, tl.float32))
@@ -1027,9 +1029,9 @@ def nv_scale_kernel(x_ptr, e_ptr, gd_ptr, min_mid, NX: tl.constexpr, CHECK: tl.c
     first = tl.zeros([1], tl.int32) + tl.program_id(0) + tl.program_id(1) == 0
     tl.store(gd_ptr + tl.arange(0, 1), g, mask=first)
     tl.store(gd_ptr + 1 + tl.arange(0, 1), denom, mask=first)
-    if CHECK:
+    lim = g * 2688.0025634765625  # 448 * 6 * (1 + 2^-20): no block holds larger |x|
+    if CHECK and _to_f32(tl.load(x_ptr + tl.program_id(1) * NX)) <= tl.max(lim, axis=0):
         s = tl.load(e_ptr + tl.program_id(0) + tl.zeros([1], tl.int32)) * g
-        lim = g * 2688.0025634765625  # 448 * 6 * (1 + 2^-20): no block holds larger |x|
         x = _to_f32(tl.load(x_ptr + tl.program_id(1) * NX + tl.arange(0, NX)))
         sd, r, k = _reciprocal(s, s, 1)
         fast = _divide(x, sd, r, k, gd_ptr, 1)  # DIV_RECIP
