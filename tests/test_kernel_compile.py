@@ -116,6 +116,11 @@ CASES = {
     "fake-int4-b8192": _blockwise("int", 4, 8192, False),  # two-pass kernels
     "pack-mxfp6": lambda: launch.quantize_microscaling(_x(), _format("mxfp6")),
     "fake-mxfp4": lambda: launch.fake_quantize_microscaling(_x(), _format("mxfp4")),
+    # NVFP4: absmax and division-check passes, the shortcut and fallback packing launches
+    "pack-nvfp4": lambda: launch.quantize_microscaling(_x(), _format("nvfp4")),
+    "fake-nvfp4-bf16": lambda: launch.fake_quantize_microscaling(
+        _x(dtype=torch.bfloat16), _format("nvfp4")
+    ),
     "dequant-int3-b64": lambda: launch.dequantize_blockwise(
         torch.zeros(3 * (1 << 14) // 8, dtype=torch.uint8),
         torch.ones((1 << 14) // 64, dtype=torch.float16),

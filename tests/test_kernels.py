@@ -594,7 +594,8 @@ def test_nvfp4_division_check_refuses_where_it_must(device: str) -> None:
     exactly the pairs the host emulation finds, on a tensor where the shortcut is exact
     (bf16, absmax 1: none) and on one where it is not (bf16, absmax 1e-30: a few pairs with
     quotients above the grid's smallest midpoint); there the kernels fall back to div_rn and
-    still equal the reference (the shortcut's results: test_nvfp4_reciprocal_division)."""
+    still equal the reference. Packing is checked in both cases (the fallback on a grid of
+    one program that loops over every tile)."""
     from kbit.kernels import launch
 
     spec = QuantSpec.parse("nvfp4")
@@ -607,12 +608,14 @@ def test_nvfp4_division_check_refuses_where_it_must(device: str) -> None:
         count = _nv_refusing_pairs(top, "bf16", mid)
         assert (count > 0) == want_refused, (amax, count)
         assert float(gd[2]) == count, (amax, float(gd[2]), count)
-        if not want_refused:
-            continue
         q = _mx_reference(x, spec)
-        assert same(kernels.fake_quantize_microscaling(x.to(device), spec), q.dequantize())
-        packed, scales, _ = kernels.quantize_microscaling(x.to(device), spec)
-        assert same(packed, q.codes) and same(scales, q.scales)
+        if want_refused:  # the fake kernel's own fallback (the shortcut's: the test above)
+            assert same(kernels.fake_quantize_microscaling(x.to(device), spec), q.dequantize())
+        # packing runs two launches: the shortcut, or the div_rn fallback on a small grid
+        # (here one program, which loops over every tile)
+        cfg = launch.KernelConfig(nv_pack_split=1) if want_refused else launch.DEFAULT_CONFIG
+        packed, scales, _ = kernels.quantize_microscaling(x.to(device), spec, config=cfg)
+        assert same(packed, q.codes) and same(scales, q.scales), amax
 
 
 @pytest.mark.parametrize("spec_id", MX_SPECS)

@@ -148,6 +148,10 @@ class KernelConfig:
     ``int_mid_table``: int codebooks of at most this many steps pack with the midpoint read
     from a shared-memory table indexed by the arithmetic position (``_code``), 8 fewer
     instructions per value than computing it from both neighbours.
+    ``nv_pack_split``: NVFP4 packs in two launches (``fused_pack_kernel``, FLAG), the
+    division shortcut and its div_rn fallback on a grid of at most this many programs that
+    loop over the tiles, each returning at once unless the device-side check chose it (0:
+    one kernel holding both paths, whose registers are the maximum over both).
     ``nv_absmax``: (values per program, warps) of NVFP4's global absmax pass
     (``nv_absmax_kernel``): 8 warps measured 0.5-5 points of copy faster than 16 for NVFP4's
     fake quantization and packing on an H200 ("v12").
@@ -184,6 +188,7 @@ class KernelConfig:
     pack_split: tuple[int, int, int] = (64, 256, 1024)
     pair_cell_records: int = 256
     nv_absmax: tuple[int, int] = (16384, 8)
+    nv_pack_split: int = 1024
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -835,12 +840,20 @@ def _launch(
                 CHUNK=chunk, SPLIT=split,
             )  # fmt: skip
             shape = dict(B=row, BP=_pow2(row), ROWS=rows * split)
-        kernel[grid](
-            _bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
-            ptrs["mid"], ptrs["lay"], gd, n, nblocks, units,
-            **shape, **kw, **common, K=k, MASKED=masked, **extra,
-            num_warps=_warps(rows * bp, cfg.pack_per_thread),
-        )  # fmt: skip
+        args = (_bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
+                ptrs["mid"], ptrs["lay"], gd, n, nblocks, units)  # fmt: skip
+        shape |= dict(K=k, MASKED=masked, num_warps=_warps(rows * bp, cfg.pack_per_thread))
+        if kernel is tk.fused_pack_chunk_kernel:
+            kernel[grid](*args, **shape, **kw, **common, **extra)
+        elif sc.div == tk.DIV_RECIP_IF and cfg.nv_pack_split > 0:
+            # NVFP4: the shortcut, then its div_rn fallback on a small grid; each returns at
+            # once unless the device-side division check chose it
+            fast, exact = common | dict(DIV=tk.DIV_RECIP), common | dict(DIV=tk.DIV_EXACT)
+            kernel[grid](*args, grid[0], **shape, **kw, **fast, **extra, FLAG=1)
+            small = (min(grid[0], cfg.nv_pack_split),)
+            kernel[small](*args, grid[0], **shape, **kw, **exact, **extra, FLAG=2)
+        else:
+            kernel[grid](*args, grid[0], **shape, **kw, **common, **extra, FLAG=0)
         return out, scales
     scales, divisors = two_pass_divisors(_block_absmax(x, block, cfg))
     groups = cfg.flat_groups

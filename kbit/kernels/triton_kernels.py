@@ -737,7 +737,7 @@ def fused_fake_kernel(
 @triton.jit
 def fused_pack_kernel(
     x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
-    gd_ptr, n, nblocks, nunits,
+    gd_ptr, n, nblocks, nunits, ntiles,
     B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
     FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
     AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
@@ -749,10 +749,17 @@ def fused_pack_kernel(
     SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr, MASKED: tl.constexpr,
     SUB: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, FLAG: tl.constexpr,
 ):  # fmt: skip
     """Block scales and packed codes; the tile is [ROWS, BP // 8, 8] (B % 8 == 0), so each
     group of 8 codes is packed without moving data between threads.
+
+    FLAG (NVFP4, whose division shortcut a device-side check allows per tensor: ``gd[2]``,
+    ``nv_scale_kernel``): 1, the program returns at once where the check refuses the
+    shortcut (DIV=1); 2, the launch is the fallback (DIV=0): a small grid whose programs
+    return at once where the check allows it and otherwise loop over all ``ntiles`` tiles.
+    Two launches keep the per-value div_rn out of the fast kernel, whose registers would
+    otherwise be the maximum over both paths (``KernelConfig.nv_pack_split``).
 
     WORDS=True (k = 2, 4, 8): ``out_ptr`` is the byte buffer viewed as int{2k}, one element per
     group, so a group is one store. CHUNK=1 (other k, B % 32 == 0): the four groups of 32
@@ -769,7 +776,48 @@ def fused_pack_kernel(
     The default packing kernel: ``fused_pack_chunk_kernel`` (``KernelConfig.pack_chunks``)
     issues fewer instructions but measured slower on an H200 (its loads are not coalesced).
     """
-    pid = tl.program_id(0).to(tl.int64)
+    if FLAG == 2:
+        if tl.load(gd_ptr + 2) != 0.0:
+            for t in range(tl.program_id(0), ntiles, tl.num_programs(0)):
+                _pack_tile(
+                    tl.cast(t, tl.int64), x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr,
+                    mid_ptr, lay_ptr, gd_ptr, n, nblocks, nunits, B, BP, ROWS, FAMILY, AM,
+                    AEMIN, AVM, AV2, AHI, ALO, AZERO, ALAST, LOGP, REG_LEVELS, STEP, SEARCH,
+                    BREF, BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO, SCALE_DT, EMAX,
+                    DIV, K, KP, WORDS, MASKED, SUB, LANES, FLAT, CHUNK, SPLIT,
+                )  # fmt: skip
+    else:
+        go = True
+        if FLAG == 1:
+            go = tl.load(gd_ptr + 2) == 0.0
+        if go:
+            _pack_tile(
+                tl.program_id(0).to(tl.int64), x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr,
+                btab_ptr, mid_ptr, lay_ptr, gd_ptr, n, nblocks, nunits, B, BP, ROWS, FAMILY, AM,
+                AEMIN, AVM, AV2, AHI, ALO, AZERO, ALAST, LOGP, REG_LEVELS, STEP, SEARCH, BREF,
+                BMLOW, BELOW, BNMAG, NTAB, PLAY, PK, PNB, PNE, PELO, SCALE_DT, EMAX, DIV, K, KP,
+                WORDS, MASKED, SUB, LANES, FLAT, CHUNK, SPLIT,
+            )  # fmt: skip
+
+
+@triton.jit
+def _pack_tile(
+    pid, x_ptr, out_ptr, scale_ptr, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
+    gd_ptr, n, nblocks, nunits,
+    B: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
+    FAMILY: tl.constexpr, AM: tl.constexpr, AEMIN: tl.constexpr, AVM: tl.constexpr,
+    AV2: tl.constexpr, AHI: tl.constexpr, ALO: tl.constexpr, AZERO: tl.constexpr,
+    ALAST: tl.constexpr,
+    LOGP: tl.constexpr, REG_LEVELS: tl.constexpr, STEP: tl.constexpr, SEARCH: tl.constexpr,
+    BREF: tl.constexpr, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr,
+    NTAB: tl.constexpr, PLAY: tl.constexpr, PK: tl.constexpr, PNB: tl.constexpr,
+    PNE: tl.constexpr, PELO: tl.constexpr,
+    SCALE_DT: tl.constexpr, EMAX: tl.constexpr, DIV: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr, MASKED: tl.constexpr,
+    SUB: tl.constexpr, LANES: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Tile ``pid`` of ``fused_pack_kernel``."""
     rows = pid * ROWS + tl.arange(0, ROWS)
     grp = tl.arange(0, BP // 8)
     col = grp[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
