@@ -121,6 +121,9 @@ CASES = {
     "fake-nvfp4-bf16": lambda: launch.fake_quantize_microscaling(
         _x(dtype=torch.bfloat16), _format("nvfp4")
     ),
+    "pack-nvfp4-fp32": lambda: launch.quantize_microscaling(  # div_rn: no division check
+        _x(dtype=torch.float32), _format("nvfp4")
+    ),
     "dequant-int3-b64": lambda: launch.dequantize_blockwise(
         torch.zeros(3 * (1 << 14) // 8, dtype=torch.uint8),
         torch.ones((1 << 14) // 64, dtype=torch.float16),

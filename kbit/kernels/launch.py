@@ -1056,11 +1056,11 @@ def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> tuple[torch
     for NVFP4, in three launches and no host synchronisation: a zeroed buffer, the absmax
     pass (``nv_absmax_kernel``) and ``nv_scale_kernel``, which derives g as
     ``kbit.blockwise`` does (``amax / (448 * 6)``, IEEE) and checks the block-reciprocal
-    division against div_rn on every value of x's dtype up to the tensor's absmax (no block
-    holds larger ones) and every block scale the format can produce here (the 126 positive
-    E4M3 values times g);
-    a difference counts only where it could change a code (a quotient at or above the
-    element grid's smallest midpoint). fp32 inputs always divide with div_rn."""
+    division against div_rn on every non-negative value of x's dtype up to the tensor's
+    absmax (no block holds larger ones; both divisions are odd in x) and every block scale
+    the format can produce here (the 126 positive E4M3 values times g); a difference counts
+    only where it could change a code (a quotient at or above the element grid's smallest
+    midpoint). fp32 inputs always divide with div_rn."""
     gd = torch.zeros(5, dtype=torch.float32, device=x.device)
     n = x.numel()
     xb = _bits_view(x.contiguous().view(-1))

@@ -206,9 +206,10 @@ def _recip_div(x, sd, r):
 def _divide(x, sd, r, k, gd_ptr, DIV: tl.constexpr):
     """x / s with IEEE rounding (see the module docstring); 0 where s == 0. ``sd, r, k``
     from ``_reciprocal``, broadcastable to ``x``. DIV=4: the reciprocal division where the
-    device-side flag ``gd_ptr[2]`` (set by ``division_check_kernel``'s verdict) allows it,
-    ``div_rn`` otherwise (one branch per program): ``gd_ptr[2]`` counts the pairs where
-    the shortcut could change a code (``nv_scale_kernel``); 0 allows it."""
+    device-side flag ``gd_ptr[2]`` allows it, ``div_rn`` otherwise (one branch per program;
+    NVFP4's fake quantization): ``gd_ptr[2]`` counts the pairs where the shortcut could
+    change a code (``nv_scale_kernel``); 0 allows it. Packing takes the two paths in two
+    launches instead (``fused_pack_kernel``, FLAG)."""
     if DIV == 0:
         xn = _exact_div(x, sd)
     elif DIV == 3:
