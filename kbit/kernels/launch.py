@@ -1001,22 +1001,16 @@ def microscaling(dtype: str, bits: int, exponent_bits: int | None, block_size: i
 _x_values: dict[tuple, torch.Tensor] = {}
 
 
-def _all_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every finite value of a 16-bit float dtype, padded by repeats to a multiple of 4096."""
-    key = (dtype, str(device))
+def _all_values(
+    dtype: torch.dtype, device: torch.device, nonnegative: bool = False
+) -> torch.Tensor:
+    """Every finite value of a 16-bit float dtype (with ``nonnegative``, the non-negative ones
+    in ascending order: ``nv_scale_kernel``), padded by repeats of the first ones to a
+    multiple of 4096."""
+    key = (dtype, str(device), nonnegative)
     if key not in _x_values:
-        v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-        v = v[torch.isfinite(v)]
-        _x_values[key] = torch.cat([v, v[: (-v.numel()) % 4096]]).to(device)
-    return _x_values[key]
-
-
-def _nonnegative_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every finite non-negative value of a 16-bit float dtype in ascending order, padded to
-    a multiple of 4096 by repeats of the smallest ones (``nv_scale_kernel``)."""
-    key = (dtype, str(device), "nonnegative")
-    if key not in _x_values:
-        v = torch.arange(0, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        v = torch.arange(0 if nonnegative else -32768, 32768, dtype=torch.int32)
+        v = v.to(torch.int16).view(dtype)
         v = v[torch.isfinite(v)]
         _x_values[key] = torch.cat([v, v[: (-v.numel()) % 4096]]).to(device)
     return _x_values[key]
@@ -1075,7 +1069,7 @@ def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> tuple[torch
     if key not in _E4M3_POSITIVE:
         e = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
         _E4M3_POSITIVE[key] = e.to(x.device)
-    xs = _nonnegative_values(x.dtype, x.device)
+    xs = _all_values(x.dtype, x.device, nonnegative=True)
     e = _E4M3_POSITIVE[key]
     tk.nv_scale_kernel[(e.numel(), xs.numel() // 4096)](
         _bits_view(xs), e, gd, _min_abs_mid(fmt.grid), NX=4096, CHECK=True, num_warps=4
