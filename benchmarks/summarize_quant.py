@@ -6,7 +6,11 @@ meet the targets (fake >= 85%, packing >= 75%).
 
 Usage::
 
-    python benchmarks/summarize_quant.py benchmarks/results/quant_nvidia_h200.json
+    python benchmarks/summarize_quant.py benchmarks/results/quant_nvidia_h200.json \
+        [benchmarks/results/quant_nvidia_h200_mx.json ...]
+
+Rows of a later file (the same device, a partial grid timed again with ``--families``) take
+the place of the first file's rows of the same codebook and block size.
 """
 
 from __future__ import annotations
@@ -65,7 +69,21 @@ def summary(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(results: list[dict]) -> dict:
+    """The first result with its rows replaced by later results' rows of the same (case,
+    block); every file must come from the same device."""
+    base = dict(results[0])
+    for other in results[1:]:
+        if other["device"] != base["device"]:
+            raise SystemExit(f"{other['device']} is not {base['device']}: one GPU per table")
+    later = {(r["case"], r["block"]): r for res in results[1:] for r in res["rows"]}
+    rows = [later.pop((r["case"], r["block"]), r) for r in base["rows"]]
+    base["rows"] = rows + list(later.values())
+    return base
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    print(summary(json.loads(Path(sys.argv[1]).read_text())), end="")
+    files = [json.loads(Path(f).read_text()) for f in sys.argv[1:]]
+    print(summary(merged(files)), end="")

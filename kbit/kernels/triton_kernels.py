@@ -660,9 +660,16 @@ def _code(xn, tab_ptr, rec_ptr, btab_ptr, mid_ptr, lay_ptr,
 def _pack_groups(code, K: tl.constexpr, AXIS: tl.constexpr):
     """Integer codes with a last axis of 8 (index AXIS) -> words, code j at bits
     [j*K, (j+1)*K): int32 for K <= 4 (32-bit shifts and adds are single instructions), else
-    int64. The bit fields are disjoint, so the sum is the bitwise or."""
+    int64 (K = 8 from two int32 halves). The bit fields are disjoint, so the sum is the
+    bitwise or."""
     if K <= 4:
         word = tl.sum(code << (tl.arange(0, 8) * K), axis=AXIS)
+    elif K == 8:  # two 32-bit halves: a shift-and-add per code (LEA), no 64-bit shifts or adds
+        j = tl.arange(0, 8)
+        part = code << ((j % 4) * 8)
+        lo = tl.sum(tl.where(j < 4, part, 0), axis=AXIS)
+        hi = tl.sum(tl.where(j >= 4, part, 0), axis=AXIS)
+        word = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
     else:
         shifts = (tl.arange(0, 8) * K).to(tl.int64)
         word = tl.sum(code.to(tl.int64) << shifts, axis=AXIS)
