@@ -53,8 +53,11 @@ class _Capture:
 
 
 def _compile(fn: triton.JITFunction, args: tuple, kwargs: dict) -> None:
-    """Compile one captured launch for sm_90 (cubin)."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    """Compile one captured launch for sm_90 (cubin) with the launch's own options."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion")
+               if k in kwargs}  # fmt: skip
+    # every launch pins FMA contraction (``launch._COMPILE``): Triton 3.10 changes the default
+    assert options.get("enable_fp_fusion") is True, fn.__name__
     values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
     signature, constexprs = {}, {}
     for p in fn.params:
@@ -158,4 +161,4 @@ def test_a_kernel_the_interpreter_accepts_can_fail_to_compile(tmp_path: Path) ->
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with pytest.raises(Exception, match="LIMIT"):
-        _compile(module.probe, (torch.zeros(1),), {})
+        _compile(module.probe, (torch.zeros(1),), {"enable_fp_fusion": True})

@@ -55,6 +55,12 @@ FAST_DIVISION = {
     (torch.bfloat16, torch.bfloat16): (tk.DIV_RECIP_PRESCALED, 2.0**-88),  # measured 1.56e-27
 }
 
+#: Triton compile options of every launch: contraction of a separate multiply and add into
+#: an FMA stays on, as in the Triton releases the kernels were checked and timed with (3.6
+#: on the GPU, 3.9 here); Triton 3.10 changes that default. Where rounding matters the
+#: kernels call ``tl.fma`` or keep products out of additions.
+_COMPILE = dict(enable_fp_fusion=True)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -639,7 +645,9 @@ def _block_absmax(x: torch.Tensor, block: int, cfg: KernelConfig) -> torch.Tenso
     chunk = min(cfg.absmax_chunk, _pow2(block))
     nchunks = -(-block // chunk)
     part = torch.empty(nblocks * nchunks, dtype=torch.float32, device=x.device)
-    tk.absmax_partial_kernel[(nblocks * nchunks,)](_bits_view(x), part, n, block, nchunks, C=chunk)
+    tk.absmax_partial_kernel[(nblocks * nchunks,)](
+        _bits_view(x), part, n, block, nchunks, C=chunk, **_COMPILE
+    )
     return part.view(nblocks, nchunks).amax(dim=1)
 
 
@@ -812,7 +820,7 @@ def _launch(
                 _bits_view(x), _bits_view(out), ptrs["tab"], ptrs["rec"], ptrs["btab"],
                 ptrs["bhi"], ptrs["mid"], ptrs["cb"], ptrs["lay"], gd, n,
                 B=block, BP=bp, ROWS=rows, **kw, **common, MASKED=masked,
-                num_warps=_warps(rows * bp, per_thread),
+                num_warps=_warps(rows * bp, per_thread), **_COMPILE,
             )  # fmt: skip
             return out, None
         scales = torch.empty(nblocks, dtype=sc.store_dtype, device=x.device)
@@ -842,7 +850,8 @@ def _launch(
             shape = dict(B=row, BP=_pow2(row), ROWS=rows * split)
         args = (_bits_view(x), dst, _bits_view(scales), ptrs["tab"], ptrs["rec"], ptrs["btab"],
                 ptrs["mid"], ptrs["lay"], gd, n, nblocks, units)  # fmt: skip
-        shape |= dict(K=k, MASKED=masked, num_warps=_warps(rows * bp, cfg.pack_per_thread))
+        shape |= dict(K=k, MASKED=masked, num_warps=_warps(rows * bp, cfg.pack_per_thread),
+                      **_COMPILE)  # fmt: skip
         if kernel is tk.fused_pack_chunk_kernel:
             kernel[grid](*args, **shape, **kw, **common, **extra)
         elif sc.div == tk.DIV_RECIP_IF and cfg.nv_pack_split > 0:
@@ -862,7 +871,7 @@ def _launch(
         _bits_view(x), _bits_view(out), divisors, ptrs["tab"], ptrs["rec"], ptrs["btab"],
         ptrs["bhi"], ptrs["mid"], ptrs["cb"], ptrs["lay"], n, block, nbytes,
         G=groups, BLOG=_block_shift(block, nblocks), **kw, PACK=pack, K=k, KP=kp,
-        num_warps=_warps(8 * groups, cfg.per_thread),
+        num_warps=_warps(8 * groups, cfg.per_thread), **_COMPILE,
     )  # fmt: skip
     return out, scales if pack else None
 
@@ -964,7 +973,7 @@ def dequantize_blockwise(
     tk.dequant_kernel[grid](
         packed.contiguous(), scales.contiguous(), cb, _bits_view(out), numel, block, nbytes,
         G=groups, BLOG=_block_shift(block, nblocks), K=bits, KP=_pow2(bits),
-        num_warps=config.dequant_warps,
+        num_warps=config.dequant_warps, **_COMPILE,
     )  # fmt: skip
     return out
 
@@ -1029,8 +1038,9 @@ def division_mismatches_async(
     out = torch.zeros(2, dtype=torch.float32, device=scales.device)
     s = scales.float().contiguous()
     tk.division_check_kernel[(s.numel(), xs.numel() // 4096)](
-        _bits_view(xs), s, limits.float().contiguous(), out, NX=4096, DIV=div, num_warps=4
-    )
+        _bits_view(xs), s, limits.float().contiguous(), out, NX=4096, DIV=div, num_warps=4,
+        **_COMPILE,
+    )  # fmt: skip
     return out
 
 
@@ -1060,10 +1070,12 @@ def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> tuple[torch
     xb = _bits_view(x.contiguous().view(-1))
     if n:
         chunk, warps = cfg.nv_absmax
-        tk.nv_absmax_kernel[(-(-n // chunk),)](xb, gd, n, C=chunk, num_warps=warps)
+        tk.nv_absmax_kernel[(-(-n // chunk),)](xb, gd, n, C=chunk, num_warps=warps,
+                                                       **_COMPILE)  # fmt: skip
     fast = cfg.fast_div and x.dtype in (torch.float16, torch.bfloat16)
     if not fast:
-        tk.nv_scale_kernel[(1, 1)](gd, gd, gd, 0.0, NX=16, CHECK=False, num_warps=1)
+        tk.nv_scale_kernel[(1, 1)](gd, gd, gd, 0.0, NX=16, CHECK=False, num_warps=1,
+                                   **_COMPILE)  # fmt: skip
         return gd, tk.DIV_EXACT
     key = str(x.device)
     if key not in _E4M3_POSITIVE:
@@ -1072,8 +1084,9 @@ def _nv_gd(x: torch.Tensor, fmt: Microscaling, cfg: KernelConfig) -> tuple[torch
     xs = _all_values(x.dtype, x.device, nonnegative=True)
     e = _E4M3_POSITIVE[key]
     tk.nv_scale_kernel[(e.numel(), xs.numel() // 4096)](
-        _bits_view(xs), e, gd, _min_abs_mid(fmt.grid), NX=4096, CHECK=True, num_warps=4
-    )
+        _bits_view(xs), e, gd, _min_abs_mid(fmt.grid), NX=4096, CHECK=True, num_warps=4,
+        **_COMPILE,
+    )  # fmt: skip
     return gd, tk.DIV_RECIP_IF
 
 
