@@ -72,3 +72,35 @@ def test_median_rows() -> None:
     assert got["a"]["search"] == "pair-smem"
     assert got["b"]["fake_ms"] == 2.0 and "error" not in got["b"]
     assert got["c"]["error"] == "RuntimeError()"
+
+
+def test_unsettled_rows_are_timed_again(monkeypatch) -> None:
+    """Rows whose rounds differ by more than the spread in any operation are the only ones a
+    settle round times again; their medians then take every round."""
+    import bench_quant
+
+    rounds = [[99.0, 98.0, 99.5], [82.1, 63.4, 61.1], [70.0, 60.0, 77.0]]
+    rows = [
+        dict(case=c, block=64, fake_pct_rounds=[90.0, 90.0, 90.0], quant_pct_rounds=r)
+        for c, r in zip("abc", rounds, strict=True)
+    ]
+    rows.append(dict(case="d", block=32, error="RuntimeError()"))
+    assert bench_quant.unsettled(rows, 5.0) == {("b", 64), ("c", 64)}
+    assert bench_quant.unsettled(rows, 25.0) == set()
+
+    timed = []
+
+    def fake_time(x, case, block, copy_gbs, reps, dequant, pack_compare=False):
+        timed.append((case.label, block))
+        return dict(case=case.label, block=block, fake_ms=1.0, fake_pct=90.0)
+
+    monkeypatch.setattr(bench_quant, "time_case", fake_time)
+    monkeypatch.setattr(bench_quant, "_fmt_row", lambda row: "")
+    case_list = bench_quant.cases(("int",), (4,)) + bench_quant.cases(("mx",), ())
+    nv = [c for c in case_list if c.spec == "nvfp4"]
+    got = bench_quant.bench_rows(None, case_list, (32, 64), 4000.0, (1, 1), False,
+                                 only={("int4", 64), ("nvfp4", 16)})  # fmt: skip
+    assert timed == [("int4", 64), ("nvfp4", 16)] and len(got) == 2 and nv
+    timed.clear()
+    bench_quant.bench_rows(None, case_list, (32, 64), 4000.0, (1, 1), False)
+    assert len(timed) == 2 * len(case_list) + 1  # nvfp4 also at B = 16
