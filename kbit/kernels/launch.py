@@ -57,8 +57,8 @@ FAST_DIVISION = {
 
 #: Triton compile options of every launch: contraction of a separate multiply and add into
 #: an FMA stays on, as in the Triton releases the kernels were checked and timed with (3.6
-#: on the GPU, 3.9 here); Triton 3.10 changes that default. Where rounding matters the
-#: kernels call ``tl.fma`` or keep products out of additions.
+#: on the GPU, 3.9 in the compile tests); Triton 3.10 changes that default. Where rounding
+#: matters the kernels call ``tl.fma`` or keep products out of additions.
 _COMPILE = dict(enable_fp_fusion=True)
 
 
