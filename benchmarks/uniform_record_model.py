@@ -13,6 +13,12 @@ for the uniform layout (kernels_notes.md, "v12", last paragraph). CPU only, seco
 2. The share of values whose comparison with their bucket's midpoint a 4-byte record holding
    the top 24 bits of the midpoint's order-preserving integer (and the 8-bit code) leaves
    undecided: those in the midpoint's own cell of 256 integers.
+3. The same in the bucket's own frame (kernels_notes.md, "v13"): ``r = fma(xn, K, K - idx)``
+   is ``xn``'s offset from the bucket's centre rounded once, ``T = fma(mid, K, K - idx)`` the
+   midpoint's, and rounding to nearest is monotone, so a record holding ``T``'s top 24 bits
+   decides ``xn > mid`` as ``r > record`` wherever ``r`` lies outside ``T``'s run of 256
+   float32 patterns; the share of values inside, and of 4096-value tiles with one (a tile
+   would take the 8-byte path).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kbit.codebooks import codebook, quantile_codebook
-from kbit.kernels import pairs
+from kbit.kernels import exact, pairs
 
 
 def wavefronts(idx: np.ndarray, copies: int, record_bytes: int, rng, warps: int = 2000) -> float:
@@ -49,6 +55,29 @@ def order_key(v: np.ndarray) -> np.ndarray:
     """The order-preserving integer of float32 values (negative ones reversed)."""
     b = v.view(np.int32).astype(np.int64)
     return np.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def frame_records(xn: np.ndarray, t: pairs.PairTables) -> tuple[np.ndarray, np.ndarray]:
+    """(r, record) per value for a uniform table (module docstring, 3): ``r`` as float32, the
+    record as int32 (``T``'s bits with the low byte replaced by the bucket's first code; a
+    bucket without a midpoint gets +inf's bits, which no finite ``r`` exceeds)."""
+    idx = pairs.bucket_of(xn, t)
+    k = np.full(xn.shape, t.k, np.float32)
+    off = (t.k - idx).astype(np.float32)
+    r = exact.fma32(xn, k, off)
+    mbits = (t.pack & 0xFFFFFFFF)[idx]
+    mid = mbits.astype(np.uint32).view(np.float32)
+    inside = np.isfinite(mid)
+    tb = exact.fma32(np.where(inside, mid, 0), k, off).view(np.int32).astype(np.int64)
+    tb = np.where(inside, tb, 0x7F800000)
+    rec = (tb & ~np.int64(255)) | (t.pack >> 32)[idx]
+    return r, rec.astype(np.int64).astype(np.uint32).view(np.int32)
+
+
+def frame_undecided(r: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Values whose ``r`` shares the record's top 24 bits (the comparison needs the exact
+    record)."""
+    return ((r.view(np.int32).astype(np.int64) ^ rec.astype(np.int64)) & -256) == 0
 
 
 def main() -> None:
@@ -76,6 +105,12 @@ def main() -> None:
                 line += (
                     f"; undecided by a 24-bit prefix: {100 * share:.3f}% of values, "
                     f"{100 * (1 - (1 - share) ** 32):.1f}% of warps"
+                )
+                und = frame_undecided(*frame_records(xn, t))
+                tiles = und[: und.size // 4096 * 4096].reshape(-1, 4096).any(axis=1)
+                line += (
+                    f"; in the bucket's frame: {100 * und.mean():.5f}% of values, "
+                    f"{100 * tiles.mean():.2f}% of 4096-value tiles"
                 )
             print(line, flush=True)
 

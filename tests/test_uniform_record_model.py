@@ -29,3 +29,33 @@ def test_order_key_sorts_floats() -> None:
     v = np.array([-3.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
     k = model.order_key(v)
     assert np.all(np.diff(k) >= 0) and k[3] < k[4]
+
+
+def test_bucket_frame_records_decide_exactly() -> None:
+    """Outside the record's run the bucket-frame comparison ``r > record`` equals
+    ``xn > mid`` for every value (random blocks, every midpoint and its float neighbours);
+    few random values are undecided, and a midpoint itself always is (``r`` equals ``T``)."""
+    import torch
+
+    from kbit.codebooks import codebook, quantile_codebook
+    from kbit.kernels import pairs
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(1 << 16).astype(np.float32).reshape(-1, 64)
+    xn = (x / np.abs(x).max(axis=1, keepdims=True)).astype(np.float32).ravel()
+    data = torch.from_numpy(rng.standard_normal(1 << 14).astype(np.float32))
+    for cb in (codebook("nf", 8).numpy(), quantile_codebook(data, 8).numpy()):
+        t = pairs.build(cb.astype(np.float32), "uniform")
+        mids = ((cb[:-1] + cb[1:]) / np.float32(2)).astype(np.float32)
+        near = np.concatenate([mids, np.nextafter(mids, np.float32(2)),
+                               np.nextafter(mids, np.float32(-2))])  # fmt: skip
+        v = np.concatenate([xn, near]).astype(np.float32)
+        r, rec = model.frame_records(v, t)
+        und = model.frame_undecided(r, rec)
+        idx = pairs.bucket_of(v, t)
+        mid = (t.pack[idx] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+        want = (t.pack[idx] >> 32) + (v > mid)
+        got = (rec.astype(np.int64) & 255) + (r > rec.view(np.float32))
+        assert np.array_equal(got[~und], want[~und])
+        assert und[: xn.size].mean() < 1e-3  # random values: almost all decided
+        assert und[xn.size : xn.size + mids.size].all()  # a midpoint itself never is
