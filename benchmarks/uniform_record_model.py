@@ -57,11 +57,12 @@ def order_key(v: np.ndarray) -> np.ndarray:
     return np.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
-def frame_records(xn: np.ndarray, t: pairs.PairTables) -> tuple[np.ndarray, np.ndarray]:
-    """(r, record) per value for a uniform table (module docstring, 3): ``r`` as float32, the
-    record as int32 (``T``'s bits with the low byte replaced by the bucket's first code; a
-    bucket without a midpoint gets +inf's bits, which no finite ``r`` exceeds)."""
-    idx = pairs.bucket_of(xn, t)
+def frame_records(
+    xn: np.ndarray, idx: np.ndarray, t: pairs.PairTables
+) -> tuple[np.ndarray, np.ndarray]:
+    """(r, record) per value of a uniform table in bucket ``idx`` (module docstring, 3): ``r``
+    as float32, the record as int32 (``T``'s bits with the low byte replaced by the bucket's
+    first code; a bucket without a midpoint gets +inf's bits, which no finite ``r`` exceeds)."""
     k = np.full(xn.shape, t.k, np.float32)
     off = (t.k - idx).astype(np.float32)
     r = exact.fma32(xn, k, off)
@@ -71,7 +72,7 @@ def frame_records(xn: np.ndarray, t: pairs.PairTables) -> tuple[np.ndarray, np.n
     tb = exact.fma32(np.where(inside, mid, 0), k, off).view(np.int32).astype(np.int64)
     tb = np.where(inside, tb, 0x7F800000)
     rec = (tb & ~np.int64(255)) | (t.pack >> 32)[idx]
-    return r, rec.astype(np.int64).astype(np.uint32).view(np.int32)
+    return r, rec.astype(np.uint32).view(np.int32)
 
 
 def frame_undecided(r: np.ndarray, rec: np.ndarray) -> np.ndarray:
@@ -106,7 +107,7 @@ def main() -> None:
                     f"; undecided by a 24-bit prefix: {100 * share:.3f}% of values, "
                     f"{100 * (1 - (1 - share) ** 32):.1f}% of warps"
                 )
-                und = frame_undecided(*frame_records(xn, t))
+                und = frame_undecided(*frame_records(xn, idx, t))
                 tiles = und[: und.size // 4096 * 4096].reshape(-1, 4096).any(axis=1)
                 line += (
                     f"; in the bucket's frame: {100 * und.mean():.5f}% of values, "

@@ -50,9 +50,9 @@ def test_bucket_frame_records_decide_exactly() -> None:
         near = np.concatenate([mids, np.nextafter(mids, np.float32(2)),
                                np.nextafter(mids, np.float32(-2))])  # fmt: skip
         v = np.concatenate([xn, near]).astype(np.float32)
-        r, rec = model.frame_records(v, t)
-        und = model.frame_undecided(r, rec)
         idx = pairs.bucket_of(v, t)
+        r, rec = model.frame_records(v, idx, t)
+        und = model.frame_undecided(r, rec)
         mid = (t.pack[idx] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
         want = (t.pack[idx] >> 32) + (v > mid)
         got = (rec.astype(np.int64) & 255) + (r > rec.view(np.float32))
