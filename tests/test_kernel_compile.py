@@ -3,14 +3,16 @@
 The kernel tests run in Triton's interpreter, which executes the kernels as Python: it
 accepts code the compiler rejects (a module-level constant read inside a jit function, a
 shape the layout passes cannot handle). Here each launch a public entry point makes is
-captured instead of run and compiled to a cubin with the ptxas bundled in Triton's wheel,
-so a kernel that would fail on the GPU fails here.
+captured instead of run and compiled to a cubin with the ptxas bundled in Triton's wheel, with
+the specialization the same launch gets on a GPU (benchmarks/sass_counts.py), so a kernel that
+would fail on the GPU fails here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,12 @@ import torch
 
 pytest.importorskip("triton")
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import mangle_type
 
 from kbit.codebooks import codebook
 from kbit.kernels import _format, launch
-from kbit.kernels import triton_kernels as tk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from sass_counts import captured_launches, compile_launch
 
 _PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 pytestmark = [
@@ -36,53 +37,14 @@ pytestmark = [
     ),
 ]
 
-_KERNELS = [name for name in dir(tk) if isinstance(getattr(tk, name), triton.JITFunction)]
-
-
-class _Capture:
-    """Stands in for a kernel: records each launch (function, arguments) instead of running."""
-
-    def __init__(self, fn: triton.JITFunction, launches: list) -> None:
-        self.fn, self.launches = fn, launches
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.launches.append((self.fn, args, kwargs))
-
-        return launch_
-
 
 def _compile(fn: triton.JITFunction, args: tuple, kwargs: dict) -> None:
-    """Compile one captured launch for sm_90 (cubin) with the launch's own options."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion")
-               if k in kwargs}  # fmt: skip
+    """Compile one captured launch for sm_90 (cubin) with the launch's own options and the
+    specialization a GPU launch of the same arguments gets (``sass_counts.compile_launch``)."""
     # every launch pins FMA contraction (``launch._COMPILE``): Triton 3.10 changes the default
-    assert options.get("enable_fp_fusion") is True, fn.__name__
-    values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
-    signature, constexprs = {}, {}
-    for p in fn.params:
-        v = values[p.name]
-        if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", v
-        else:  # Triton's own name of the argument's type: "*fp16", "i32", "fp32", ...
-            signature[p.name] = mangle_type(v)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert kwargs.get("enable_fp_fusion") is True, fn.__name__
+    compiled = compile_launch(fn, args, kwargs)
     assert compiled.asm["cubin"], fn.__name__
-
-
-def _launches(call) -> list:
-    """The kernel launches ``call()`` makes (nothing runs; device-side results are not read)."""
-    launches: list = []
-    saved = {name: getattr(tk, name) for name in _KERNELS}
-    try:
-        for name, fn in saved.items():
-            setattr(tk, name, _Capture(fn, launches))
-        call()
-    finally:
-        for name, fn in saved.items():
-            setattr(tk, name, fn)
-    return launches
 
 
 def _x(n: int = 1 << 14, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -141,7 +103,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernels_compile_for_sm90(case: str) -> None:
-    launches = _launches(CASES[case])
+    launches = captured_launches(CASES[case])
     assert launches, case
     for fn, args, kwargs in launches:
         _compile(fn, args, dict(kwargs))
@@ -162,3 +124,21 @@ def test_a_kernel_the_interpreter_accepts_can_fail_to_compile(tmp_path: Path) ->
     spec.loader.exec_module(module)
     with pytest.raises(Exception, match="LIMIT"):
         _compile(module.probe, (torch.zeros(1),), {"enable_fp_fusion": True})
+
+
+def test_sass_counts_of_a_launch() -> None:
+    """benchmarks/sass_counts.py: a case's launches compile with the GPU's specialization
+    (integers divisible by 16 and aligned pointers marked, booleans not) and report their
+    registers and opcode mix; a malformed case names the form it wants."""
+    import sass_counts
+
+    assert sass_counts._divisible(4096) and not sass_counts._divisible(4100)
+    assert not sass_counts._divisible(True) and sass_counts._divisible(torch.zeros(4))
+    launches = captured_launches(sass_counts.case_call("pack:int4:64:pack_tile=2048"))
+    assert [fn.__name__ for fn, _, _ in launches] == ["fused_pack_kernel"]
+    summary = sass_counts.sass_summary(compile_launch(*launches[0]).asm["cubin"], top=5)
+    assert 16 <= summary["registers"] <= 255
+    assert len(summary["opcodes"]) == 5
+    assert sum(n for _, n in summary["opcodes"]) <= summary["instructions"]
+    with pytest.raises(ValueError, match="fake\\|pack"):
+        sass_counts.case_call("pack:quantile8:64")
