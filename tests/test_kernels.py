@@ -262,8 +262,9 @@ def test_scale_and_input_dtypes(device: str, scale_dtype: torch.dtype, dtype: to
 
 
 def test_scale_rounding_edge_cases(device: str) -> None:
-    """All-zero and all -0 blocks, absmax beyond fp16's max (clamped to 65504), absmax that
-    rounds up or down in fp16, absmax small enough to become an fp16 subnormal or zero, and
+    """All-zero and all -0 blocks, absmax beyond fp16's max (clamped to 65504; one block far
+    beyond, whose values lie past the last bucket of every table), absmax that rounds up or
+    down in fp16, absmax small enough to become an fp16 subnormal or zero, and
     a bf16/fp32 subnormal absmax (the prescaled division of bf16 scales)."""
     blocks = [
         torch.zeros(32),
@@ -274,10 +275,12 @@ def test_scale_rounding_edge_cases(device: str) -> None:
         torch.linspace(-1e-9, 1e-9, 32),  # scale underflows to 0: everything maps to 0
         torch.linspace(-1e-39, 2e-39, 32),  # fp32 subnormal absmax
         torch.full((32,), -2.5),
+        torch.linspace(-1e10, 3e9, 32),  # fp16 scale 65504: |xn| up to 1.5e5, past every table
     ]
     x = torch.cat(blocks).to(device)
-    for name in ("int", "nf", "float"):
-        cb = codebook(name, 4)
+    # dynamic4 and dynamic8: the log- and the per-binade-indexed tables
+    for name, k in (("int", 4), ("nf", 4), ("float", 4), ("dynamic", 4), ("dynamic", 8)):
+        cb = codebook(name, k)
         for sd in (torch.float16, torch.bfloat16):
             for xdt in (torch.float32, torch.bfloat16):
                 xi = x.to(xdt)
@@ -285,9 +288,9 @@ def test_scale_rounding_edge_cases(device: str) -> None:
                 if sd == torch.float16:
                     assert float(scales[2]) == 65504.0 and float(scales[5]) == 0.0
                 assert same(kernels.fake_quantize_blockwise(xi, cb, 32, sd), y_ref), (name, sd)
-                packed, sc = kernels.quantize_blockwise(xi, cb, 32, sd, 4)
+                packed, sc = kernels.quantize_blockwise(xi, cb, 32, sd, k)
                 assert same(sc, scales)
-                assert same(packed, pack(codes, 4))
+                assert same(packed, pack(codes, k))
 
 
 @pytest.mark.parametrize("name", ["int", "float", "dynamic", "nf"])
