@@ -378,8 +378,20 @@ def _bucket_index(xn, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.conste
     the sign of ``xn`` sits at ``BNMAG + i`` (positive) or ``BNMAG - 1 - i`` (negative).
     """
     xb = xn.to(tl.int32, bitcast=True)
-    i = tl.maximum((xb & 0x7FFFFFFF) - ((127 - BELOW) << 23), 0) >> (23 - BMLOW)
-    i = tl.minimum(i, BNMAG - 1)
+    # |xn| clamped as a float to [2^-BELOW, the last bucket's largest value] (the absolute
+    # value is an operand modifier of the min/max; a NaN becomes 2^-BELOW), then shifted and
+    # offset in one instruction (LEA.HI): two instructions per value fewer than clamping the
+    # bits as integers, the same bucket for every other value (on an H200 float8 packing +1
+    # to +5 points of copy, dynamic4 +2 to +6, kernels_notes.md "v14")
+    LOW: tl.constexpr = (127 - BELOW) << 23
+    TOP: tl.constexpr = LOW + (BNMAG << (23 - BMLOW)) - 1
+    lo_f = tl.full([], LOW, tl.int32).to(tl.float32, bitcast=True)
+    if TOP < 0x7F800000:
+        hi_f = tl.full([], TOP, tl.int32).to(tl.float32, bitcast=True)
+        a = tl.minimum(tl.maximum(tl.abs(xn), lo_f), hi_f)
+    else:  # the last bucket reaches the largest float
+        a = tl.maximum(tl.abs(xn), lo_f)
+    i = (a.to(tl.int32, bitcast=True) >> (23 - BMLOW)) - (LOW >> (23 - BMLOW))  # a >= 2^-BELOW
     return (i ^ (xb >> 31)) + BNMAG
 
 
