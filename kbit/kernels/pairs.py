@@ -24,7 +24,7 @@ Layouts (``triton_kernels._pair_index``):
     two clamps). Good for codebooks whose spacing is nearly even (nf, quantile of a normal).
 ``log``
     ``2^m`` buckets per binade of ``|xn|`` from its exponent and top ``m`` mantissa bits
-    (integer operations only), mirrored for negative values. Good for float grids.
+    (a float clamp and integer operations), mirrored for negative values. Good for float grids.
 ``binade``
     the exponent field and sign of ``xn`` select a binade; each binade resolves as many
     leading mantissa bits as its midpoints need (a word per binade: first bucket, shift).

@@ -369,7 +369,7 @@ def _search(
 
 @triton.jit
 def _bucket_index(xn, BMLOW: tl.constexpr, BELOW: tl.constexpr, BNMAG: tl.constexpr):
-    """Index of ``xn``'s bucket in a bucket table (``blockwise._Bucketing``; integer ops only).
+    """Index of ``xn``'s bucket in a bucket table (``blockwise._Bucketing``; no table read).
 
     Magnitudes are cut into 2**BMLOW buckets per binade (the exponent and top BMLOW mantissa
     bits of ``|xn|``), from 2**-BELOW (smaller magnitudes join the first bucket: no midpoint
@@ -526,7 +526,7 @@ def _pair_index(xn, lay_ptr, SMEM: tl.constexpr, PLAY: tl.constexpr, PK: tl.cons
 
     PLAY=0 (uniform): ``RN(xn K + K)`` clamped to ``[0, 2K]``, by a magic-number FMA.
     PLAY=2 (log): ``_bucket_index`` with 2^PNE buckets per binade from 2^-PELO, PNB / 2 per
-    sign (integer operations only).
+    sign (a float clamp and integer operations).
     PLAY=1 (per-binade): the exponent field of ``|xn|`` (clamped to the table's binades, one
     bucket below and above them) and the sign select a word of ``lay`` holding the binade's
     first bucket and how many mantissa bits it resolves (PNE is a power of two; ``lay`` is
